@@ -1,0 +1,113 @@
+"""The trainer's flags: parsed and validated before any process group starts."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+from ddp.models import MODELS
+
+CIFAR10_TRAIN_SIZE = 50_000
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line on stderr (what is wrong, what to do) and exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(
+        prog="python -m ddp.train",
+        description="Train CIFAR-10 with DistributedDataParallel. Launch with torchrun for several "
+        "processes, or run plainly for one.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    data = p.add_argument_group("data")
+    data.add_argument("--data-dir", default="data", help="directory holding cifar-10-batches-py/")
+    data.add_argument("--dataset", default="cifar10", choices=["cifar10", "synthetic"])
+    data.add_argument("--download", action="store_true", help="download CIFAR-10 if missing")
+    data.add_argument("--synthetic-size", type=int, default=4096,
+                      help="training images of --dataset synthetic (test set: a fifth of that)")
+
+    train = p.add_argument_group("training")
+    train.add_argument("--model", default="fastnet", help=f"one of: {', '.join(MODELS)}")
+    train.add_argument("--epochs", type=int, default=10)
+    train.add_argument("--batch-size", type=int, default=512,
+                       help="GLOBAL batch size, split evenly across all ranks; it stays the same "
+                       "when the number of processes changes")
+    train.add_argument("--lr", type=float, default=0.2, help="peak learning rate")
+    train.add_argument("--momentum", type=float, default=0.9, help="Nesterov momentum")
+    train.add_argument("--weight-decay", type=float, default=5e-4,
+                       help="applied to conv and linear weights, not to biases or BN")
+    train.add_argument("--label-smoothing", type=float, default=0.2)
+    train.add_argument("--warmup-epochs", type=float, default=1.0,
+                       help="linear warm-up, then linear decay to zero")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--amp", nargs="?", const="bf16", default="none",
+                       choices=["none", "bf16", "fp16"],
+                       help="mixed precision on CUDA (--amp alone means bf16; fp16 adds a GradScaler)")
+    train.add_argument("--compile", action="store_true", help="torch.compile the model")
+
+    run = p.add_argument_group("run")
+    run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                     help="auto: cuda:LOCAL_RANK when every local rank has a GPU, else cpu")
+    run.add_argument("--backend", default="auto", choices=["auto", "nccl", "gloo"],
+                     help="auto: nccl on CUDA, gloo on CPU")
+    run.add_argument("--timeout-min", type=float, default=10.0,
+                     help="collective timeout: a stuck rank ends the job after this long")
+    run.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (and at the end)")
+    run.add_argument("--log-every", type=int, default=50, help="log train loss every N steps")
+    run.add_argument("--checkpoint-dir", default="checkpoints")
+    run.add_argument("--logdir", default="runs", help="TensorBoard root directory")
+    run.add_argument("--run-name", default=None,
+                     help="TensorBoard run name (default: MODEL-DATASET-seedSEED, stable across resumes)")
+    return p
+
+
+def validate(args: argparse.Namespace, world_size: int) -> str | None:
+    """The first problem with the flags, as a sentence that says what to do, or None."""
+    if args.model not in MODELS:
+        return f"unknown model {args.model!r}; choose one of {', '.join(MODELS)}"
+    for name in ["epochs", "batch_size", "eval_every", "log_every", "synthetic_size"]:
+        if getattr(args, name) < 1:
+            return f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}"
+    for name in ["lr", "timeout_min"]:
+        if not getattr(args, name) > 0:
+            return f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}"
+    for name in ["momentum", "label_smoothing"]:
+        if not 0 <= getattr(args, name) < 1:
+            return f"--{name.replace('_', '-')} must lie in [0, 1), got {getattr(args, name)}"
+    if args.weight_decay < 0 or args.warmup_epochs < 0:
+        return "--weight-decay and --warmup-epochs must not be negative"
+    if args.batch_size < world_size:
+        return f"--batch-size {args.batch_size} is smaller than the {world_size} processes; raise it"
+    if args.batch_size % world_size:
+        return (f"--batch-size {args.batch_size} does not split evenly across {world_size} processes; "
+                f"use a multiple of {world_size}")
+    train_size = args.synthetic_size if args.dataset == "synthetic" else CIFAR10_TRAIN_SIZE
+    if args.batch_size > train_size:
+        return f"--batch-size {args.batch_size} is larger than the {train_size} training images"
+    if args.backend == "nccl" and args.device == "cpu":
+        return "--backend nccl needs CUDA; use --backend gloo (or auto) with --device cpu"
+    return None
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse and validate; exit with a one-line message on a bad value."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun before we start
+    problem = validate(args, world_size)
+    if problem:
+        parser.error(problem)
+    if args.run_name is None:
+        args.run_name = f"{args.model}-{args.dataset}-seed{args.seed}"
+    return args
+
+
+def to_dict(args: argparse.Namespace) -> dict[str, Any]:
+    """The flags as plain types, for checkpoints and TensorBoard."""
+    return {k: v for k, v in vars(args).items() if v is None or isinstance(v, (str, int, float, bool, list))}

@@ -1,0 +1,157 @@
+"""CIFAR-10 as uint8 tensors in memory: a safe reader, synthetic data, sharding and batched augmentation.
+
+Nothing here knows about torch.distributed: rank and world size come in as numbers. Randomness is a
+pure function of (seed, epoch, step, rank), so resuming needs only those counters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
+BATCH_DIR = "cifar-10-batches-py"
+TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
+TEST_FILES = ["test_batch"]
+GET_DATA_HINT = "get the data with --download, or train on --dataset synthetic"
+
+
+class DataError(RuntimeError):
+    """A data file is missing or not in the CIFAR-10 python layout."""
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Unpickles the CIFAR batch format and nothing else: numpy arrays, lists, dicts, strings.
+
+    A plain pickle.load would import and call any global the file names, so a crafted batch file
+    could run code. Only the globals that numpy array reconstruction needs are allowed.
+    """
+
+    ALLOWED = frozenset({
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),  # how Python 3 pickles bytes at protocol 2
+    })
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
+        # numpy 2 moved numpy.core to numpy._core; old pickles name the old path.
+        module = module.replace("numpy.core", "numpy._core") if hasattr(np, "_core") else module
+        return super().find_class(module, name)
+
+
+def read_batch_file(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Read one CIFAR-10 batch file into (uint8 images N x 3 x 32 x 32, int64 labels N)."""
+    if not path.is_file():
+        raise DataError(f"CIFAR-10 file {path} not found; {GET_DATA_HINT}")
+    try:
+        with open(path, "rb") as f:
+            batch = _NumpyOnlyUnpickler(f, encoding="latin1").load()
+    except Exception as e:  # noqa: BLE001 -- any failure to unpickle means a bad file
+        raise DataError(f"{path} is not a CIFAR-10 batch file ({e}); {GET_DATA_HINT}") from None
+    if not isinstance(batch, dict):
+        raise DataError(f"{path} holds a {type(batch).__name__}, not a CIFAR-10 batch dict")
+    # Python 2 pickles give str keys under latin1; Python 3 ones written with bytes keys stay bytes.
+    batch = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in batch.items()}
+    data, labels = batch.get("data"), batch.get("labels")
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        raise DataError(f"{path}: 'data' must be a uint8 array of shape N x 3072; {GET_DATA_HINT}")
+    if labels is None or len(labels) != len(data):
+        raise DataError(f"{path}: 'labels' missing or not one per image; {GET_DATA_HINT}")
+    labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
+    if len(labels) and (labels.min() < 0 or labels.max() > 9):
+        raise DataError(f"{path}: labels must lie in 0..9")
+    return torch.from_numpy(data.copy()).view(-1, 3, 32, 32), labels
+
+
+def load_cifar10(data_dir: str | Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CIFAR-10 train or test split from `<data_dir>/cifar-10-batches-py` as uint8 tensors."""
+    root = Path(data_dir) / BATCH_DIR
+    if not root.is_dir():
+        raise DataError(f"CIFAR-10 directory {root} not found; {GET_DATA_HINT}")
+    parts = [read_batch_file(root / name) for name in (TRAIN_FILES if train else TEST_FILES)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def download_cifar10(data_dir: str | Path) -> None:
+    """Fetch and unpack the official archive, checked against its MD5 (torchvision's downloader)."""
+    from torchvision.datasets.utils import download_and_extract_archive
+
+    if not (Path(data_dir) / BATCH_DIR).is_dir():
+        download_and_extract_archive(CIFAR10_URL, str(data_dir), md5=CIFAR10_MD5)
+
+
+def synthetic_cifar10(n: int, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """A deterministic, learnable stand-in: each class is a fixed smooth pattern plus noise.
+
+    The class patterns are the same for both splits; the samples differ between them.
+    """
+    templates = torch.rand(10, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    templates = F.interpolate(templates, size=32, mode="bilinear", align_corners=False)
+    g = torch.Generator().manual_seed(1 if train else 2)
+    labels = torch.randint(0, 10, (n,), generator=g)
+    noise = torch.randn(n, 3, 32, 32, generator=g) * 0.25
+    images = (templates[labels] + noise).clamp(0, 1).mul(255).round().to(torch.uint8)
+    return images, labels
+
+
+def make_generator(seed: int, *keys: int) -> torch.Generator:
+    """A CPU generator seeded by a hash of (seed, *keys), so that streams never overlap."""
+    digest = hashlib.sha256(repr((seed, *keys)).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+
+def shard_epoch(
+    n: int, global_batch: int, world_size: int, rank: int, seed: int, epoch: int
+) -> torch.Tensor:
+    """This rank's sample indices for one epoch, shape (steps, global_batch // world_size).
+
+    The epoch's permutation depends only on (seed, epoch), like DistributedSampler.set_epoch. Step s
+    uses the global batch perm[s*B:(s+1)*B] and rank r takes its r-th slice, so the ranks are
+    disjoint, together cover every full batch, and the global batch of a step does not depend on the
+    world size (which lets a run resume at another world size). The last partial batch is dropped,
+    so every rank takes the same number of steps.
+    """
+    steps = n // global_batch
+    perm = torch.randperm(n, generator=make_generator(seed, epoch))[: steps * global_batch]
+    return perm.view(steps, world_size, global_batch // world_size)[:, rank]
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 N x 3 x H x W -> float, normalised by CIFAR-10's channel statistics, channels_last."""
+    mean = torch.tensor(CIFAR10_MEAN, device=images.device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(CIFAR10_STD, device=images.device).view(1, 3, 1, 1) * 255
+    x = (images.float() - mean) / std
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def augment(images: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Random crop with zero padding and random horizontal flip of a whole uint8 batch at once.
+
+    Random numbers come from a CPU generator (a few per image), so CPU and GPU runs see the same
+    augmentation; the pixel work happens on the images' device.
+    """
+    n, _, h, w = images.shape
+    dy = torch.randint(0, 2 * pad + 1, (n, 1), generator=generator).to(images.device)
+    dx = torch.randint(0, 2 * pad + 1, (n, 1), generator=generator).to(images.device)
+    flip = torch.rand(n, generator=generator).lt(0.5).to(images.device)
+    padded = F.pad(images, (pad, pad, pad, pad))
+    rows = (dy + torch.arange(h, device=images.device)).view(n, 1, h, 1)
+    cols = torch.arange(w, device=images.device).expand(n, w)
+    cols = torch.where(flip[:, None], cols.flip(1), cols) + dx  # a flip is a reversed column order
+    batch_idx = torch.arange(n, device=images.device).view(n, 1, 1, 1)
+    channel_idx = torch.arange(3, device=images.device).view(1, 3, 1, 1)
+    return padded[batch_idx, channel_idx, rows, cols.view(n, 1, 1, w)]

@@ -1,0 +1,113 @@
+"""The process group: who am I, which device, and the few collectives the trainer needs.
+
+This is the only module that initialises torch.distributed. Under torchrun the usual environment
+variables (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, ...) describe the job; without them this is a
+job of one process, which still gets a (single-member) process group so that the trainer has one
+code path for every topology.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Context:
+    rank: int  # global rank: 0 is the one that prints, logs and writes checkpoints
+    local_rank: int  # rank on this node: picks the GPU
+    world_size: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def resolve_device(flag: str, local_rank: int, local_world_size: int) -> torch.device:
+    """cuda:LOCAL_RANK when asked for (or, with auto, when every local rank has a GPU), else cpu."""
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if flag == "cuda" and gpus < local_world_size:
+        raise RuntimeError(f"--device cuda needs a GPU per process: {local_world_size} processes on "
+                           f"this node, {gpus} GPUs; start fewer processes or use --device cpu")
+    if flag == "cuda" or (flag == "auto" and gpus >= local_world_size):
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def resolve_backend(flag: str, device: torch.device) -> str:
+    if flag == "nccl" and device.type != "cuda":
+        raise RuntimeError("--backend nccl needs CUDA devices; use --backend gloo on CPU")
+    if flag == "auto":
+        return "nccl" if device.type == "cuda" else "gloo"
+    return flag
+
+
+@contextlib.contextmanager
+def process_group(device: str = "auto", backend: str = "auto", timeout_min: float = 10.0) -> Iterator[Context]:
+    """Initialise the process group for this job, and always tear it down (success, error, Ctrl-C)."""
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
+    dev = resolve_device(device, local_rank, local_world_size)
+    backend = resolve_backend(backend, dev)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)  # before init, so NCCL binds this rank to its own GPU
+    kwargs = {} if "MASTER_ADDR" in os.environ else {"store": dist.HashStore()}  # a lone process
+    dist.init_process_group(backend, rank=rank, world_size=world_size,
+                            timeout=timedelta(minutes=timeout_min),
+                            device_id=dev if dev.type == "cuda" else None, **kwargs)
+    try:
+        yield Context(rank, local_rank, world_size, dev, backend)
+    finally:
+        dist.destroy_process_group()
+
+
+def log(message: str, *, every_rank: bool = False) -> None:
+    """Print on global rank 0; with every_rank, other ranks print too, prefixed with their rank."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0:
+        print(message, flush=True)
+    elif every_rank:
+        print(f"[rank {rank}] {message}", file=sys.stderr, flush=True)
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum a few numbers over all ranks (one collective)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank if it is true on any rank: how ranks agree to stop or to fail together."""
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def run_and_agree(work: Callable[[], None], *, here: bool, device: torch.device) -> None:
+    """Run `work` on the ranks where `here` is true, then agree on the outcome with one collective.
+
+    Acts as a barrier, except that a failure on the working rank ends every rank with an error
+    at once, instead of leaving the others waiting in a barrier until the timeout.
+    """
+    error = None
+    if here:
+        try:
+            work()
+        except Exception as e:  # noqa: BLE001 -- re-raised below, once the other ranks know
+            error = e
+    if any_rank(error is not None, device):
+        if error is not None:
+            raise error
+        raise RuntimeError("another rank failed (its error is in the log above); stopping too")

@@ -1,0 +1,90 @@
+"""Model registry: `build(name, num_classes)` returns a plain nn.Module that knows nothing of DDP."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ConvGroup(nn.Sequential):
+    """conv -> maxpool -> BN -> GELU -> conv -> BN -> GELU: one resolution stage of the fast net."""
+
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__(
+            nn.Conv2d(c_in, c_out, 3, padding="same", bias=False),
+            nn.MaxPool2d(2),
+            nn.BatchNorm2d(c_out, momentum=0.4),
+            nn.GELU(),
+            nn.Conv2d(c_out, c_out, 3, padding="same", bias=False),
+            nn.BatchNorm2d(c_out, momentum=0.4),
+            nn.GELU(),
+        )
+
+
+class FastNet(nn.Module):
+    """A small VGG-like net after Keller Jordan's airbench (the fastest published CIFAR-10 recipe).
+
+    A 2x2 patch convolution (the "whitening" layer, which the trainer may initialise from data)
+    feeds three conv groups that halve the resolution; a global max-pool and a scaled linear head
+    finish it. Narrower than airbench's 64/256/256 by default, because we train on CPUs.
+    """
+
+    def __init__(self, num_classes: int = 10, widths: tuple[int, int, int] = (32, 64, 128)):
+        super().__init__()
+        whiten_width = 2 * 3 * 2 * 2  # 12 whitening filters and their negatives
+        self.whiten = nn.Conv2d(3, whiten_width, kernel_size=2, padding=0, bias=True)
+        self.layers = nn.Sequential(
+            ConvGroup(whiten_width, widths[0]),
+            ConvGroup(widths[0], widths[1]),
+            ConvGroup(widths[1], widths[2]),
+        )
+        self.head = nn.Linear(widths[2], num_classes, bias=False)
+        self.scale = 1 / 9  # airbench's logit temperature: keeps early logits small
+
+    @torch.no_grad()
+    def init_whitening(self, images: torch.Tensor, eps: float = 5e-4) -> None:
+        """Set the 2x2 patch filters to the eigenvectors of the patch covariance of `images`.
+
+        `images` is a normalised float batch (N, 3, 32, 32). Half the filters are the scaled
+        eigenvectors, the other half their negatives, so GELU passes both signs.
+        """
+        patches = images.float().unfold(2, 2, 1).unfold(3, 2, 1)  # N, 3, 31, 31, 2, 2
+        patches = patches.transpose(1, 3).reshape(-1, 3 * 2 * 2)
+        patches = patches - patches.mean(0, keepdim=True)
+        eigenvalues, eigenvectors = torch.linalg.eigh(patches.T @ patches / len(patches))
+        filters = (eigenvectors.T / torch.sqrt(eigenvalues[:, None] + eps)).reshape(-1, 3, 2, 2)
+        self.whiten.weight.copy_(torch.cat([filters, -filters]).to(self.whiten.weight))
+        self.whiten.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.gelu(self.whiten(x))
+        x = self.layers(x)
+        x = F.adaptive_max_pool2d(x, 1).flatten(1)
+        return self.head(x) * self.scale
+
+
+def resnet18(num_classes: int = 10) -> nn.Module:
+    """torchvision's ResNet-18 adapted to 32x32 inputs: 3x3 stem with stride 1 and no max-pool."""
+    from torchvision.models import resnet18 as tv_resnet18
+
+    model = tv_resnet18(num_classes=num_classes)
+    model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+    return model
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "fastnet": FastNet,
+    "fastnet_wide": lambda num_classes=10: FastNet(num_classes, widths=(64, 256, 256)),
+    "resnet18": resnet18,
+}
+
+
+def build(name: str, num_classes: int = 10) -> nn.Module:
+    """Build a registered model by name."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+    return MODELS[name](num_classes=num_classes)

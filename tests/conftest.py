@@ -1,0 +1,52 @@
+"""Shared test fixtures: a tiny CIFAR-10 in the official layout, and running the real CLIs."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write_cifar_dir(root: Path, per_batch: int = 20, bytes_keys: bool = False, seed: int = 0) -> Path:
+    """Write data_batch_1..5, test_batch and batches.meta as the official pickles, return `root`.
+
+    bytes_keys=True writes b"data"/b"labels" keys, as Python 3 reads Python 2's str keys with
+    encoding="bytes"; False writes str keys, as encoding="latin1" gives them.
+    """
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+    key = (lambda k: k.encode()) if bytes_keys else (lambda k: k)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {
+            key("batch_label"): f"{name} of tiny test set",
+            key("labels"): rng.integers(0, 10, per_batch).tolist(),
+            key("data"): rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+            key("filenames"): [f"img_{i}.png" for i in range(per_batch)],
+        }
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f, protocol=2)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({key("label_names"): [f"class{i}" for i in range(10)]}, f, protocol=2)
+    return root
+
+
+@pytest.fixture
+def tiny_cifar(tmp_path: Path) -> Path:
+    return write_cifar_dir(tmp_path / "data")
+
+
+def run_module(args: list[str], cwd: Path, env: dict[str, str] | None = None,
+               timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `python -m ...` or `torchrun ...` (args[0] picks which) from `cwd` with the repo importable."""
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
+    cmd = [sys.executable, "-m", *args] if args[0] != "torchrun" else [
+        sys.executable, "-m", "torch.distributed.run", *args[1:]]
+    return subprocess.run(cmd, check=False, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)

@@ -1,0 +1,129 @@
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+
+from conftest import write_cifar_dir
+from ddp import data
+
+
+@pytest.mark.parametrize("bytes_keys", [False, True])
+def test_reads_official_layout_with_str_or_bytes_keys(tmp_path, bytes_keys):
+    root = write_cifar_dir(tmp_path, per_batch=7, bytes_keys=bytes_keys)
+    x, y = data.load_cifar10(root, train=True)
+    assert x.shape == (35, 3, 32, 32) and x.dtype == torch.uint8
+    assert y.shape == (35,) and y.dtype == torch.int64
+    with open(root / data.BATCH_DIR / "data_batch_1", "rb") as f:
+        raw = pickle.load(f, encoding="latin1")
+    first = raw[b"data" if bytes_keys else "data"][0]
+    # Row layout is channel-major: 1024 red, then green, then blue values of a 32x32 image.
+    assert torch.equal(x[0], torch.from_numpy(first).view(3, 32, 32))
+    test_x, _ = data.load_cifar10(root, train=False)
+    assert test_x.shape == (7, 3, 32, 32)
+
+
+class Payload:
+    """Unpickling this would create a marker file: proof that code ran."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_crafted_batch_file_is_refused_and_its_payload_never_runs(tmp_path):
+    root = write_cifar_dir(tmp_path)
+    marker = tmp_path / "pwned"
+    with open(root / data.BATCH_DIR / "data_batch_3", "wb") as f:
+        pickle.dump({"data": Payload(str(marker)), "labels": [0]}, f, protocol=2)
+    with pytest.raises(data.DataError, match=r"data_batch_3 is not a CIFAR-10 batch file \(refusing to load global io.open\)"):
+        data.load_cifar10(root, train=True)
+    assert not marker.exists()
+    with open(root / data.BATCH_DIR / "data_batch_3", "rb") as f:  # the file really is armed
+        pickle.load(f)
+    assert marker.exists()
+
+
+def test_missing_and_malformed_files_name_the_file_and_the_fix(tmp_path):
+    with pytest.raises(data.DataError, match="cifar-10-batches-py not found.*--download.*synthetic"):
+        data.load_cifar10(tmp_path, train=True)
+    root = write_cifar_dir(tmp_path)
+    (root / data.BATCH_DIR / "test_batch").unlink()
+    with pytest.raises(data.DataError, match="test_batch not found; get the data with --download"):
+        data.load_cifar10(root, train=False)
+    (root / data.BATCH_DIR / "test_batch").write_bytes(b"not a pickle")
+    with pytest.raises(data.DataError, match="test_batch is not a CIFAR-10 batch file"):
+        data.load_cifar10(root, train=False)
+    with open(root / data.BATCH_DIR / "test_batch", "wb") as f:
+        pickle.dump({"data": [1, 2, 3], "labels": [0]}, f)
+    with pytest.raises(data.DataError, match="test_batch: 'data' must be a uint8 array"):
+        data.load_cifar10(root, train=False)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+def test_shards_are_disjoint_and_cover_every_full_batch(world_size):
+    n, batch = 1000, 96
+    shards = [data.shard_epoch(n, batch, world_size, r, seed=5, epoch=2) for r in range(world_size)]
+    steps = n // batch
+    assert all(s.shape == (steps, batch // world_size) for s in shards)
+    everything = torch.cat([s.flatten() for s in shards])
+    assert len(everything.unique()) == len(everything) == steps * batch  # disjoint, no repeats
+    # The global batch of a step is the same whatever the world size.
+    one = data.shard_epoch(n, batch, 1, 0, seed=5, epoch=2)
+    for step in range(steps):
+        assert torch.equal(torch.cat([s[step] for s in shards]), one[step])
+
+
+def test_shuffle_depends_only_on_seed_and_epoch():
+    a = data.shard_epoch(100, 10, 1, 0, seed=1, epoch=0)
+    assert torch.equal(a, data.shard_epoch(100, 10, 1, 0, seed=1, epoch=0))
+    assert not torch.equal(a, data.shard_epoch(100, 10, 1, 0, seed=1, epoch=1))
+    assert not torch.equal(a, data.shard_epoch(100, 10, 1, 0, seed=2, epoch=0))
+    # seed and epoch are hashed together, so (0, 1) and (1, 0) are different streams
+    assert not torch.equal(data.shard_epoch(100, 10, 1, 0, seed=0, epoch=1),
+                           data.shard_epoch(100, 10, 1, 0, seed=1, epoch=0))
+
+
+def test_augment_is_a_crop_of_the_padded_image_maybe_flipped():
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    out = data.augment(images, data.make_generator(0, 1, 2, 3))
+    assert out.shape == images.shape and out.dtype == torch.uint8
+    assert torch.equal(out, data.augment(images, data.make_generator(0, 1, 2, 3)))
+    padded = torch.nn.functional.pad(images, (4, 4, 4, 4))
+    flips = 0
+    for i in range(len(images)):
+        crops = [padded[i, :, dy:dy + 32, dx:dx + 32] for dy in range(9) for dx in range(9)]
+        plain = any(torch.equal(out[i], c) for c in crops)
+        flipped = any(torch.equal(out[i], c.flip(2)) for c in crops)
+        assert plain or flipped
+        flips += flipped and not plain
+    assert 10 < flips < 54  # about half are flipped
+
+
+def test_normalize_gives_float_channels_last_with_cifar_statistics():
+    images = torch.full((2, 3, 32, 32), 128, dtype=torch.uint8)
+    x = data.normalize(images)
+    assert x.dtype == torch.float32 and x.is_contiguous(memory_format=torch.channels_last)
+    expected = (128 / 255 - data.CIFAR10_MEAN[0]) / data.CIFAR10_STD[0]
+    assert x[0, 0, 0, 0].item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_synthetic_data_is_deterministic_and_shares_classes_across_splits():
+    x1, y1 = data.synthetic_cifar10(1000, train=True)
+    x2, y2 = data.synthetic_cifar10(1000, train=True)
+    assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    assert x1.shape == (1000, 3, 32, 32) and x1.dtype == torch.uint8
+    tx, ty = data.synthetic_cifar10(1000, train=False)
+    assert not torch.equal(tx[:100], x1[:100])
+
+    def class_mean(x, y, c):
+        return x[y == c].float().mean(0)
+
+    # A class looks alike in both splits, and unlike other classes: the test set is learnable.
+    for c in range(10):
+        same = (class_mean(x1, y1, c) - class_mean(tx, ty, c)).abs().mean()
+        other = (class_mean(x1, y1, c) - class_mean(tx, ty, (c + 1) % 10)).abs().mean()
+        assert same < other / 2

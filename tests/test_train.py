@@ -1,0 +1,36 @@
+"""The real trainer under the real torchrun: 2 processes, gloo, synthetic data."""
+
+from __future__ import annotations
+
+import re
+
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import run_module
+
+
+def test_two_process_torchrun_run_learns_and_logs_to_tensorboard(tmp_path):
+    result = run_module(["torchrun", "--standalone", "--nproc_per_node=2", "-m", "ddp.train",
+                         "--dataset", "synthetic", "--synthetic-size", "1024", "--batch-size", "128",
+                         "--epochs", "3", "--log-every", "4", "--run-name", "smoke",
+                         "--logdir", "runs", "--checkpoint-dir", "ckpt"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert "world 2 x cpu (gloo)" in out and "batch 128 global = 2 x 64" in out
+    assert "SYNTHETIC data" in out
+    epochs = re.findall(r"epoch (\d)/3 \| train loss ([\d.]+) \| test loss ([\d.]+) acc ([\d.]+)%", out)
+    assert [e[0] for e in epochs] == ["1", "2", "3"]  # printed once, by rank 0 only
+    train_losses = [float(e[1]) for e in epochs]
+    assert train_losses[-1] < train_losses[0] - 0.2
+    assert float(epochs[-1][3]) > 50
+
+    events = EventAccumulator(str(tmp_path / "runs" / "smoke")).Reload()
+    tags = events.Tags()
+    assert {"train/loss", "train/lr", "test/loss", "test/acc", "perf/images_per_sec",
+            "perf/epoch_time_s"} <= set(tags["scalars"])
+    losses = [e.value for e in events.Scalars("train/loss")]
+    assert len(losses) == 6 and losses[-1] < losses[0]  # steps 4 and 8 of each epoch
+    assert [e.step for e in events.Scalars("test/acc")] == [8, 16, 24]
+    assert abs(events.Scalars("test/acc")[-1].value * 100 - float(epochs[-1][3])) < 0.01
+    assert any("hparams" in t for t in tags["tensors"])
+    assert len(list((tmp_path / "runs").iterdir())) == 1  # one writer: rank 0
