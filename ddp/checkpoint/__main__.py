@@ -14,21 +14,17 @@ from typing import Any
 
 import torch
 
-from ddp.checkpoint import (
+from ddp.checkpoint.errors import CheckpointError
+from ddp.checkpoint.files import (
     FORMAT,
     WEIGHTS_FORMAT,
-    CheckpointError,
-    _atomic_write,
-    _find_model_state,
-    _plain,
-    detect_prefixes,
-    diff_state,
+    atomic_write,
+    find_model_state,
     load_checkpoint,
-    parse_remap,
-    remap_prefixes,
     save_checkpoint,
-    strip_wrapper_prefixes,
 )
+from ddp.checkpoint.keys import detect_prefixes, diff_state, parse_remap, remap_prefixes, strip_wrapper_prefixes
+from ddp.checkpoint.state import plain
 
 PROG = "python -m ddp.checkpoint"
 
@@ -36,7 +32,7 @@ PROG = "python -m ddp.checkpoint"
 def _load_state(path: str, args: argparse.Namespace, trust_pickle: bool = False) -> tuple[Any, str, dict, dict]:
     """(loaded object, layout, raw state, canonical state with --remap applied)."""
     obj = load_checkpoint(path, "cpu", trust_pickle=trust_pickle)
-    layout, raw = _find_model_state(obj)
+    layout, raw = find_model_state(obj)
     state = strip_wrapper_prefixes(raw)
     if getattr(args, "remap", None):
         state = remap_prefixes(state, args.remap)
@@ -166,7 +162,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         meta = {"format": WEIGHTS_FORMAT, "model_name": name, "num_classes": str(num_classes),
                 "mean": json.dumps(mean), "std": json.dumps(std)}
         blob = safetensors_bytes(state, metadata=meta)
-        _atomic_write(args.out, lambda f: f.write(blob), what="export")
+        atomic_write(args.out, lambda f: f.write(blob), what="export")
     else:
         save_checkpoint({"format": WEIGHTS_FORMAT, "model": state, "model_name": name, "num_classes": num_classes,
                          "mean": mean, "std": std}, args.out)
@@ -185,7 +181,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     ours = isinstance(obj, Mapping) and obj.get("format") == FORMAT
     ckpt = {"format": FORMAT, "model": state,
             **{k: train[k] for k in ("optimizer", "scheduler", "scaler", "progress", "metrics")},
-            "config": _plain(config),
+            "config": plain(config),
             "env": train["env"] or {"world_size": 1, "device": "cpu", "torch": str(torch.__version__)},
             "rng": obj.get("rng") if ours else None}  # a foreign file's RNG state can't be mapped to ours
     save_checkpoint(ckpt, args.out)

@@ -1,0 +1,43 @@
+"""The errors of ddp.checkpoint: each message is one line that says what is wrong and what to do."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ddp.checkpoint.keys import KeyDiff
+
+
+class CheckpointError(Exception):
+    """Base class; every message is one line meant for the user."""
+
+
+class CheckpointCorruptError(CheckpointError, ValueError):
+    """The file is not a readable checkpoint (empty, truncated, garbage)."""
+
+
+class UntrustedPickleError(CheckpointError, ValueError):
+    """The file holds pickled classes/code that weights_only loading refuses."""
+
+
+class CheckpointFormatError(CheckpointError, ValueError):
+    """The file loads, but its layout or format version is not one we understand."""
+
+
+class CheckpointMismatchError(CheckpointError, ValueError):
+    """The checkpoint does not fit the model (or optimizer); `.diff` holds the details."""
+
+    def __init__(self, message: str, diff: KeyDiff | None = None):
+        super().__init__(message)
+        self.diff = diff
+
+
+class CheckpointWriteError(CheckpointError, OSError):
+    """Saving failed; whatever was at the destination before is untouched."""
+
+
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message, with its type unless it is an OSError."""
+    text = (str(e).strip().splitlines() or [""])[0]
+    text = text if isinstance(e, OSError) else f"{type(e).__name__}: {text}".rstrip(": ")
+    return text[:limit]

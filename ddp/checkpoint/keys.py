@@ -1,0 +1,157 @@
+"""State-dict keys: unwrap models, strip or remap prefixes, diff against a model, load with a report."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ddp.checkpoint.errors import CheckpointFormatError, CheckpointMismatchError, first_line
+
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP/DataParallel and torch.compile
+COMMON_PREFIXES = ("backbone.", "model.", "net.", "encoder.", "base_model.")  # reported by inspect only
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """Peel DDP/DataParallel (`.module`) and torch.compile (`._orig_mod`) wrappers, nested in any order."""
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # OptimizedModule, without importing dynamo
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _strip_key(key: str) -> str:
+    while True:
+        for prefix in WRAPPER_PREFIXES:
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+                break
+        else:
+            return key
+
+
+def _rename(state: Mapping[str, Any], rename: Callable[[str], str], why: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    for key, value in state.items():
+        new = rename(key)
+        if new in out:  # silently keeping one of the two would load the wrong weights
+            raise CheckpointFormatError(f"keys {origin[new]!r} and {key!r} both become {new!r} {why}")
+        out[new], origin[new] = value, key
+    return out
+
+
+def strip_wrapper_prefixes(state: Mapping[str, Any]) -> dict[str, Any]:
+    """Remove any leading run of `module.` / `_orig_mod.` from every key (the canonical, unwrapped names)."""
+    return _rename(state, _strip_key, "after stripping wrapper prefixes")
+
+
+def remap_prefixes(state: Mapping[str, Any], rules: list[tuple[str, str]]) -> dict[str, Any]:
+    """Replace a leading OLD with NEW on each key; the first matching rule wins."""
+    def rename(key: str) -> str:
+        for old, new in rules:
+            if key.startswith(old):
+                return new + key[len(old):]
+        return key
+    return _rename(state, rename, "after --remap")
+
+
+def parse_remap(text: str) -> tuple[str, str]:
+    """Parse `OLD=NEW` (either side may be empty: `backbone.=` strips, `=backbone.` adds)."""
+    old, sep, new = text.partition("=")
+    if not sep or not (old or new):
+        raise ValueError(f"--remap expects OLD=NEW, e.g. 'backbone.=' to drop a prefix; got {text!r}")
+    return old, new
+
+
+def detect_prefixes(keys: Iterable[str]) -> list[str]:
+    """Wrapper prefixes and other common whole-model prefixes (e.g. `backbone.`) present on the keys."""
+    found: list[str] = []
+    for key in keys:
+        while True:
+            prefix = next((p for p in WRAPPER_PREFIXES if key.startswith(p)), None)
+            if prefix is None:
+                break
+            found.append(prefix)
+            key = key[len(prefix):]
+        found += [p for p in COMMON_PREFIXES if key.startswith(p)]
+    return list(dict.fromkeys(found))
+
+
+def _shape(shape: tuple) -> str:
+    return "x".join(map(str, shape)) or "scalar"
+
+
+@dataclass
+class KeyDiff:
+    """How a checkpoint's keys differ from a model's state dict."""
+
+    missing: list[str] = field(default_factory=list)  # in the model, not in the checkpoint
+    unexpected: list[str] = field(default_factory=list)  # in the checkpoint, not in the model
+    shape_mismatch: list[tuple[str, tuple, tuple]] = field(default_factory=list)  # (key, ckpt shape, model shape)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.unexpected or self.shape_mismatch)
+
+    def _sections(self) -> list[tuple[str, list[str]]]:
+        mism = [f"{k} {_shape(c)} in checkpoint vs {_shape(m)} in model" for k, c, m in self.shape_mismatch]
+        return [("missing", self.missing), ("unexpected", self.unexpected), ("shape mismatch", mism)]
+
+    def report(self, title: str = "checkpoint vs model", limit: int = 20) -> str:
+        """Multi-line human-readable summary, at most `limit` keys per section."""
+        if self.ok:
+            return f"{title}: all keys and shapes match"
+        lines = [f"{title}: {self.one_line(first=0)}"]
+        for name, items in self._sections():
+            if items:
+                lines.append(f"  {name} ({len(items)}):")
+                lines += [f"    {item}" for item in items[:limit]]
+                if len(items) > limit:
+                    lines.append(f"    ... and {len(items) - limit} more")
+        return "\n".join(lines)
+
+    def one_line(self, first: int = 3) -> str:
+        """Counts plus the first few keys of each kind, for error messages."""
+        parts = []
+        for name, items in self._sections():
+            if items:
+                shown = ", ".join(items[:first]) + (", ..." if len(items) > first else "")
+                parts.append(f"{len(items)} {name}" + (f" ({shown})" if first else ""))
+        return "; ".join(parts) or "all keys and shapes match"
+
+
+def diff_state(model_state: Mapping[str, Any], ckpt_state: Mapping[str, Any]) -> KeyDiff:
+    """Compare key sets and shapes (checkpoint against model)."""
+    mismatch = []
+    for key, value in model_state.items():
+        if key in ckpt_state:
+            ckpt_shape, model_shape = tuple(ckpt_state[key].shape), tuple(value.shape)
+            if ckpt_shape != model_shape:
+                mismatch.append((key, ckpt_shape, model_shape))
+    return KeyDiff(missing=[k for k in model_state if k not in ckpt_state],
+                   unexpected=[k for k in ckpt_state if k not in model_state],
+                   shape_mismatch=mismatch)
+
+
+def load_state_into(model: nn.Module, state: Mapping[str, torch.Tensor], strict: bool = True) -> KeyDiff:
+    """Load `state` into the unwrapped model; strict raises CheckpointMismatchError, else skips what doesn't fit."""
+    target = unwrap_model(model)
+    state = strip_wrapper_prefixes(state)
+    diff = diff_state(target.state_dict(), state)
+    if strict and not diff.ok:
+        raise CheckpointMismatchError(
+            f"checkpoint does not fit {type(target).__name__}: {diff.one_line()}. Check that --model and "
+            "--num-classes match the run that saved it, or use --init-from for a partial load", diff)
+    skip = {key for key, _, _ in diff.shape_mismatch}  # load_state_dict(strict=False) still fails on shapes
+    try:
+        target.load_state_dict({k: v for k, v in state.items() if k not in skip}, strict=strict)
+    except RuntimeError as e:
+        raise CheckpointMismatchError(f"loading into {type(target).__name__} failed: {first_line(e)}", diff) from e
+    return diff
