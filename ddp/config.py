@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 from typing import Any
 
+from ddp.checkpoint import parse_remap
 from ddp.models import MODELS
 
 CIFAR10_TRAIN_SIZE = 50_000
@@ -60,10 +62,23 @@ def build_parser() -> argparse.ArgumentParser:
                      help="collective timeout: a stuck rank ends the job after this long")
     run.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (and at the end)")
     run.add_argument("--log-every", type=int, default=50, help="log train loss every N steps")
-    run.add_argument("--checkpoint-dir", default="checkpoints")
+
+    ckpt = p.add_argument_group("checkpoints")
+    ckpt.add_argument("--checkpoint-dir", default="checkpoints",
+                      help="latest.pt, best.pt and epoch_NNNN.pt go here (written by global rank 0 only)")
+    ckpt.add_argument("--resume", default="auto", metavar="{auto,latest,none,PATH}",
+                      help="auto: continue from the newest valid checkpoint in --checkpoint-dir if there is "
+                      "one, else start fresh; latest: require latest.pt; none: start fresh; or a file")
+    ckpt.add_argument("--save-every", type=int, default=1, help="write latest.pt and an epoch file every N epochs "
+                      "(and after the last); best.pt whenever test accuracy improves")
+    ckpt.add_argument("--keep", type=int, default=3, help="epoch files to keep (0: keep all)")
+    ckpt.add_argument("--init-from", default=None, metavar="PATH",
+                      help="start from these weights only (any common layout), non-strict, with a report")
+    ckpt.add_argument("--remap", action="append", default=[], metavar="OLD=NEW",
+                      help="with --init-from: rename a leading key prefix (repeatable), e.g. backbone.=")
     run.add_argument("--logdir", default="runs", help="TensorBoard root directory")
-    run.add_argument("--run-name", default=None,
-                     help="TensorBoard run name (default: MODEL-DATASET-seedSEED, stable across resumes)")
+    run.add_argument("--run-name", default="{model}-{dataset}-seed{seed}",
+                     help="TensorBoard run name, a template over the flags; stable across resumes")
     return p
 
 
@@ -71,7 +86,7 @@ def validate(args: argparse.Namespace, world_size: int) -> str | None:
     """The first problem with the flags, as a sentence that says what to do, or None."""
     if args.model not in MODELS:
         return f"unknown model {args.model!r}; choose one of {', '.join(MODELS)}"
-    for name in ["epochs", "batch_size", "eval_every", "log_every", "synthetic_size"]:
+    for name in ["epochs", "batch_size", "eval_every", "log_every", "synthetic_size", "save_every"]:
         if getattr(args, name) < 1:
             return f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}"
     for name in ["lr", "timeout_min"]:
@@ -90,6 +105,18 @@ def validate(args: argparse.Namespace, world_size: int) -> str | None:
     train_size = args.synthetic_size if args.dataset == "synthetic" else CIFAR10_TRAIN_SIZE
     if args.batch_size > train_size:
         return f"--batch-size {args.batch_size} is larger than the {train_size} training images"
+    if args.keep < 0:
+        return f"--keep must be 0 (keep all) or more, got {args.keep}"
+    for flag, path in [("--resume", args.resume), ("--init-from", args.init_from)]:
+        if path not in (None, "auto", "latest", "none") and not Path(path).is_file():
+            return f"{flag} {path}: no such file; give a checkpoint file, or --resume auto/latest/none"
+    for rule in args.remap:
+        try:
+            parse_remap(rule)
+        except ValueError as e:
+            return str(e)
+    if args.remap and not args.init_from:
+        return "--remap renames the keys of --init-from weights; give --init-from PATH too"
     if args.backend == "nccl" and args.device == "cpu":
         return "--backend nccl needs CUDA; use --backend gloo (or auto) with --device cpu"
     return None
@@ -103,8 +130,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     problem = validate(args, world_size)
     if problem:
         parser.error(problem)
-    if args.run_name is None:
-        args.run_name = f"{args.model}-{args.dataset}-seed{args.seed}"
+    try:
+        args.run_name = args.run_name.format(**vars(args))
+    except (KeyError, IndexError, ValueError) as e:
+        parser.error(f"--run-name {args.run_name!r} is not a valid template over the flags ({e!r})")
     return args
 
 

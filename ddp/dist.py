@@ -72,9 +72,13 @@ def process_group(device: str = "auto", backend: str = "auto", timeout_min: floa
         dist.destroy_process_group()
 
 
+class PeerFailedError(RuntimeError):
+    """Another rank failed at a point where all ranks agree on success; its own error says why."""
+
+
 def log(message: str, *, every_rank: bool = False) -> None:
     """Print on global rank 0; with every_rank, other ranks print too, prefixed with their rank."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
     if rank == 0:
         print(message, flush=True)
     elif every_rank:
@@ -86,6 +90,17 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.tolist()
+
+
+def sync_buffers(model: torch.nn.Module) -> None:
+    """Give every rank rank 0's buffers (BatchNorm statistics).
+
+    DDP broadcasts buffers at the start of each training forward, but each rank then updates its own
+    copy with its own batch: without this, ranks would evaluate slightly different models, and not the
+    one rank 0 saves.
+    """
+    for buffer in model.buffers():
+        dist.broadcast(buffer, src=0)
 
 
 def any_rank(flag: bool, device: torch.device) -> bool:
@@ -110,4 +125,4 @@ def run_and_agree(work: Callable[[], None], *, here: bool, device: torch.device)
     if any_rank(error is not None, device):
         if error is not None:
             raise error
-        raise RuntimeError("another rank failed (its error is in the log above); stopping too")
+        raise PeerFailedError("another rank failed (its error is in the log); stopping too")

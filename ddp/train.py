@@ -4,22 +4,25 @@
     python -m ddp.train --help
 
 Every rank runs this file top to bottom. Rank 0 prints, writes TensorBoard and checkpoints; the
-ranks meet only in DDP's gradient all-reduce and in a few small collectives (logging, evaluation).
+ranks meet in DDP's gradient all-reduce and in a few small collectives (logging, evaluation, saving).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
+import warnings
+from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from ddp import config, data, models
-from ddp.dist import Context, all_reduce_sum, log, process_group, run_and_agree
+from ddp import checkpoint, config, data, models
+from ddp.dist import Context, PeerFailedError, all_reduce_sum, log, process_group, run_and_agree, sync_buffers
+from ddp.evaluate import evaluate
 from ddp.monitor import Monitor
 
 
@@ -56,19 +59,31 @@ def build_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, total_s
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, ctx: Context,
-             batch_size: int = 1000) -> tuple[float, float]:
-    """(test loss, test accuracy) over the whole test set; each rank scores every world_size-th image."""
-    model.eval()
-    mine = torch.arange(ctx.rank, len(images), ctx.world_size, device=images.device)
-    loss_sum, correct = 0.0, 0.0
-    for idx in mine.split(batch_size):
-        logits = model(data.normalize(images[idx])).float()
-        loss_sum += F.cross_entropy(logits, labels[idx], reduction="sum").item()
-        correct += (logits.argmax(1) == labels[idx]).sum().item()
-    loss_sum, correct, count = all_reduce_sum([loss_sum, correct, len(mine)], ctx.device)
-    return loss_sum / count, correct / count
+def find_resume_checkpoint(args: argparse.Namespace, ctx: Context) -> tuple[Path, dict] | None:
+    """The checkpoint to resume from, loaded onto this rank's device, per --resume; None to start fresh."""
+    if args.resume == "none":
+        return None
+    if args.resume not in ("auto", "latest"):
+        return Path(args.resume), checkpoint.load_checkpoint(args.resume, map_location=ctx.device)
+    latest = Path(args.checkpoint_dir) / checkpoint.LATEST_NAME
+    if args.resume == "latest":
+        return latest, checkpoint.load_checkpoint(latest, map_location=ctx.device)
+    with warnings.catch_warnings(record=True) as skipped:  # corrupt files: say so once, on rank 0
+        warnings.simplefilter("always")
+        found = checkpoint.newest_valid_checkpoint(args.checkpoint_dir, map_location=ctx.device)
+    for warning in skipped:
+        log(f"warning: {warning.message}")
+    if found is None:
+        log(f"no checkpoint in {args.checkpoint_dir}/: starting fresh")
+    return found
+
+
+def init_from(args: argparse.Namespace, model: nn.Module, ctx: Context) -> None:
+    """--init-from: weights only, prefixes remapped, loaded non-strictly, with a report of what fit."""
+    state = checkpoint.load_model_state(args.init_from, map_location=ctx.device)
+    state = checkpoint.remap_prefixes(state, [checkpoint.parse_remap(rule) for rule in args.remap])
+    diff = checkpoint.load_state_into(model, state, strict=False)
+    log(diff.report(f"--init-from {args.init_from}"))
 
 
 def train(args: argparse.Namespace, ctx: Context) -> dict[str, float]:
@@ -77,21 +92,37 @@ def train(args: argparse.Namespace, ctx: Context) -> dict[str, float]:
     if args.dataset == "synthetic":
         log("NOTE: training on SYNTHETIC data, not CIFAR-10: accuracies say nothing about CIFAR-10")
 
-    model = models.build(args.model).to(ctx.device, memory_format=torch.channels_last)
-    if hasattr(model, "init_whitening"):
-        model.init_whitening(data.normalize(train_x[:5000]))
-    ddp_model = DDP(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
-    train_model = torch.compile(ddp_model) if args.compile else ddp_model
-
+    model = models.build(args.model, data.NUM_CLASSES).to(ctx.device, memory_format=torch.channels_last)
     per_rank_batch = args.batch_size // ctx.world_size
     steps_per_epoch = len(train_x) // args.batch_size
-    total_steps = args.epochs * steps_per_epoch
     optimizer = build_optimizer(model, args)
-    scheduler = build_scheduler(optimizer, round(args.warmup_epochs * steps_per_epoch), total_steps)
+    scheduler = build_scheduler(optimizer, round(args.warmup_epochs * steps_per_epoch), args.epochs * steps_per_epoch)
     use_amp = args.amp != "none" and ctx.device.type == "cuda"
     amp_dtype = torch.float16 if args.amp == "fp16" else torch.bfloat16
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=use_amp and args.amp == "fp16")
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+
+    # Resume everything, or start fresh (optionally from other weights). Done before wrapping in DDP,
+    # on every rank, each reading the file onto its own device.
+    epoch, step, metrics = 0, 0, {"best_acc": 0.0, "acc": math.nan, "loss": math.nan}
+    resumed = find_resume_checkpoint(args, ctx)
+    if resumed:
+        path, ckpt = resumed
+        checkpoint.restore_checkpoint(ckpt, model, optimizer, scheduler, scaler)
+        checkpoint.restore_rng(ckpt["rng"])
+        epoch, step = ckpt["progress"]["epoch"], ckpt["progress"]["step"]
+        metrics.update({k: v for k, v in ckpt["metrics"].items() if v is not None})
+        saved = ckpt["env"]
+        log(f"resumed from {path}: epoch {epoch}, step {step}, best acc {100 * metrics['best_acc']:.2f}%"
+            f" (saved by {saved['world_size']} x {saved['device']}, now {ctx.world_size} x {ctx.device.type})")
+    else:
+        if hasattr(model, "init_whitening"):
+            model.init_whitening(data.normalize(train_x[:5000]))
+        if args.init_from:
+            init_from(args, model, ctx)
+
+    ddp_model = DDP(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+    train_model = torch.compile(ddp_model) if args.compile else ddp_model
 
     log(f"world {ctx.world_size} x {ctx.device.type} ({ctx.backend}) | {args.model}: "
         f"{sum(p.numel() for p in model.parameters()):,} parameters | {args.dataset}: "
@@ -99,12 +130,32 @@ def train(args: argparse.Namespace, ctx: Context) -> dict[str, float]:
         f"{ctx.world_size} x {per_rank_batch} | {steps_per_epoch} steps/epoch")
     if args.amp != "none" and not use_amp:
         log(f"--amp {args.amp} applies to CUDA only; training in float32 on {ctx.device.type}")
+    if epoch >= args.epochs:
+        log(f"nothing to do: the checkpoint has {epoch} epochs and --epochs is {args.epochs}")
+
+    def save(improved: bool, periodic: bool) -> None:
+        """Rank 0 writes; all ranks learn whether it worked (a failed write stops every rank)."""
+        def write() -> None:
+            ckpt = checkpoint.make_checkpoint(
+                model, optimizer, scheduler, scaler, progress={"epoch": epoch, "step": step, "batch_in_epoch": 0},
+                metrics=metrics, config={**config.to_dict(args), "num_classes": data.NUM_CLASSES},
+                world_size=ctx.world_size, device_type=ctx.device.type)
+            folder = Path(args.checkpoint_dir)
+            paths = []
+            if periodic:
+                paths += [folder / checkpoint.epoch_checkpoint_name(epoch), folder / checkpoint.LATEST_NAME]
+            if improved:
+                paths.append(folder / checkpoint.BEST_NAME)
+            checkpoint.save_checkpoint(ckpt, *paths)
+            checkpoint.prune_epoch_checkpoints(folder, args.keep)  # only now: the new file is safely written
+
+        if improved or periodic:
+            run_and_agree(write, here=ctx.is_main, device=ctx.device)
 
     monitor = Monitor(ctx.is_main, args.logdir, args.run_name, config.to_dict(args),
                       note="SYNTHETIC data, not CIFAR-10" if args.dataset == "synthetic" else "")
-    step, metrics = 0, {"acc": math.nan, "loss": math.nan}
     try:
-        for epoch in range(args.epochs):
+        while epoch < args.epochs:
             order = data.shard_epoch(len(train_x), args.batch_size, ctx.world_size, ctx.rank, args.seed, epoch)
             model.train()
             monitor.start_epoch(epoch, args.epochs, steps_per_epoch)
@@ -122,8 +173,7 @@ def train(args: argparse.Namespace, ctx: Context) -> dict[str, float]:
                 scaler.update()
                 scheduler.step()
                 step += 1
-                running += torch.stack([loss.detach().double(), torch.ones((), dtype=torch.float64,
-                                                                           device=ctx.device)])
+                running += torch.stack([loss.detach().double(), torch.ones_like(running[0])])
                 monitor.advance()
                 if step % args.log_every == 0 or batch_in_epoch == steps_per_epoch - 1:
                     loss_sum, count = all_reduce_sum(running.tolist(), ctx.device)
@@ -132,12 +182,18 @@ def train(args: argparse.Namespace, ctx: Context) -> dict[str, float]:
                     monitor.scalars(step, {"train/loss": train_loss, "train/lr": scheduler.get_last_lr()[0]})
             train_time = time.perf_counter() - t0
             monitor.end_epoch()
+            epoch += 1
 
-            line = f"epoch {epoch + 1}/{args.epochs} | train loss {train_loss:.4f}"
-            if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
+            line = f"epoch {epoch}/{args.epochs} | train loss {train_loss:.4f}"
+            improved = False
+            if epoch % args.eval_every == 0 or epoch == args.epochs:
+                sync_buffers(model)
                 metrics["loss"], metrics["acc"] = evaluate(model, test_x, test_y, ctx)
+                improved = metrics["acc"] > metrics["best_acc"]
+                metrics["best_acc"] = max(metrics["best_acc"], metrics["acc"])
                 monitor.scalars(step, {"test/loss": metrics["loss"], "test/acc": metrics["acc"]})
                 line += f" | test loss {metrics['loss']:.4f} acc {100 * metrics['acc']:.2f}%"
+            save(improved, periodic=epoch % args.save_every == 0 or epoch == args.epochs)
             epoch_time = time.perf_counter() - t0
             images_per_sec = steps_per_epoch * args.batch_size / train_time
             monitor.scalars(step, {"perf/images_per_sec": images_per_sec, "perf/epoch_time_s": epoch_time})
@@ -149,8 +205,13 @@ def train(args: argparse.Namespace, ctx: Context) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> None:
     args = config.parse_args(argv)  # bad flags exit here, before any process group exists
-    with process_group(args.device, args.backend, args.timeout_min) as ctx:
-        train(args, ctx)
+    try:
+        with process_group(args.device, args.backend, args.timeout_min) as ctx:
+            train(args, ctx)
+    except (checkpoint.CheckpointError, data.DataError, FileNotFoundError, PeerFailedError) as e:
+        # Problems with the user's files: one line, no traceback. Anything else is a bug: traceback.
+        log(f"error: {e}", every_rank=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

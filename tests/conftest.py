@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 import pickle
+import pickletools
+import struct
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -50,3 +53,23 @@ def run_module(args: list[str], cwd: Path, env: dict[str, str] | None = None,
     cmd = [sys.executable, "-m", *args] if args[0] != "torchrun" else [
         sys.executable, "-m", "torch.distributed.run", *args[1:]]
     return subprocess.run(cmd, check=False, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def retag_storages(src: Path, dst: Path, location: str) -> None:
+    """Copy a torch zip checkpoint, rewriting each storage's location tag ('cpu') in data.pkl.
+
+    torch.save pickles with protocol 2 (no frames; memo by index, not offset), so replacing the
+    BINUNICODE 'cpu' opcode by one with a longer string keeps the pickle valid.
+    """
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
+        for info in zin.infolist():
+            data = zin.read(info.filename)
+            if info.filename.endswith("/data.pkl"):
+                out, last, count = bytearray(), 0, 0
+                for op, arg, pos in pickletools.genops(data):
+                    if op.name == "BINUNICODE" and arg == "cpu":
+                        out += data[last:pos] + b"X" + struct.pack("<I", len(location)) + location.encode()
+                        last, count = pos + 1 + 4 + 3, count + 1
+                assert count, "no 'cpu' location tag found"
+                data = bytes(out + data[last:])
+            zout.writestr(info, data)

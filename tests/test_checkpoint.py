@@ -9,13 +9,10 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import pickletools
 import random
-import struct
 import subprocess
 import sys
 import warnings
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +20,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import retag_storages
 from ddp.checkpoint import (
     FORMAT,
     WEIGHTS_FORMAT,
@@ -229,26 +227,6 @@ def test_unknown_layout_lists_keys():
         extract_model_state({"weights": [1, 2], "epoch": 3})
     with pytest.raises(CheckpointFormatError, match="unknown checkpoint format 'ddp-cifar/99'"):
         extract_model_state({"format": "ddp-cifar/99", "model": {}})
-
-
-def retag_storages(src: Path, dst: Path, location: str) -> None:
-    """Copy a torch zip checkpoint, rewriting each storage's location tag ('cpu') in data.pkl.
-
-    torch.save pickles with protocol 2 (no frames; memo by index, not offset), so replacing the
-    BINUNICODE 'cpu' opcode by one with a longer string keeps the pickle valid.
-    """
-    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
-        for info in zin.infolist():
-            data = zin.read(info.filename)
-            if info.filename.endswith("/data.pkl"):
-                out, last, count = bytearray(), 0, 0
-                for op, arg, pos in pickletools.genops(data):
-                    if op.name == "BINUNICODE" and arg == "cpu":
-                        out += data[last:pos] + b"X" + struct.pack("<I", len(location)) + location.encode()
-                        last, count = pos + 1 + 4 + 3, count + 1
-                assert count, "no 'cpu' location tag found"
-                data = bytes(out + data[last:])
-            zout.writestr(info, data)
 
 
 def test_cuda_tagged_checkpoint_loads_on_cpu(tmp_path):

@@ -14,7 +14,7 @@ def test_two_process_torchrun_run_learns_and_logs_to_tensorboard(tmp_path):
                          "--dataset", "synthetic", "--synthetic-size", "1024", "--batch-size", "128",
                          "--epochs", "3", "--log-every", "4", "--run-name", "smoke",
                          "--logdir", "runs", "--checkpoint-dir", "ckpt"], cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     out = result.stdout
     assert "world 2 x cpu (gloo)" in out and "batch 128 global = 2 x 64" in out
     assert "SYNTHETIC data" in out

@@ -18,6 +18,7 @@ from ddp.checkpoint.errors import (
     UntrustedPickleError,
 )
 from ddp.checkpoint.files import (
+    BEST_NAME,
     FORMAT,
     LATEST_NAME,
     WEIGHTS_FORMAT,
@@ -50,6 +51,7 @@ from ddp.checkpoint.state import (
 )
 
 __all__ = [
+    "BEST_NAME",
     "FORMAT",
     "LATEST_NAME",
     "WEIGHTS_FORMAT",

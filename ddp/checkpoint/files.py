@@ -30,6 +30,7 @@ from ddp.checkpoint.keys import KeyDiff, load_state_into, strip_wrapper_prefixes
 FORMAT = "ddp-cifar/1"
 WEIGHTS_FORMAT = "ddp-cifar-weights/1"
 LATEST_NAME = "latest.pt"
+BEST_NAME = "best.pt"
 STATE_KEYS = ("model", "state_dict", "model_state_dict", "net", "module")  # where other projects put weights
 
 

@@ -95,6 +95,7 @@ class KeyDiff:
     missing: list[str] = field(default_factory=list)  # in the model, not in the checkpoint
     unexpected: list[str] = field(default_factory=list)  # in the checkpoint, not in the model
     shape_mismatch: list[tuple[str, tuple, tuple]] = field(default_factory=list)  # (key, ckpt shape, model shape)
+    matched: int = 0  # keys present in both with the same shape: what a non-strict load takes
 
     @property
     def ok(self) -> bool:
@@ -107,8 +108,8 @@ class KeyDiff:
     def report(self, title: str = "checkpoint vs model", limit: int = 20) -> str:
         """Multi-line human-readable summary, at most `limit` keys per section."""
         if self.ok:
-            return f"{title}: all keys and shapes match"
-        lines = [f"{title}: {self.one_line(first=0)}"]
+            return f"{title}: all {self.matched} keys and shapes match"
+        lines = [f"{title}: {self.matched} keys match; {self.one_line(first=0)}"]
         for name, items in self._sections():
             if items:
                 lines.append(f"  {name} ({len(items)}):")
@@ -137,7 +138,8 @@ def diff_state(model_state: Mapping[str, Any], ckpt_state: Mapping[str, Any]) ->
                 mismatch.append((key, ckpt_shape, model_shape))
     return KeyDiff(missing=[k for k in model_state if k not in ckpt_state],
                    unexpected=[k for k in ckpt_state if k not in model_state],
-                   shape_mismatch=mismatch)
+                   shape_mismatch=mismatch,
+                   matched=sum(k in ckpt_state for k in model_state) - len(mismatch))
 
 
 def load_state_into(model: nn.Module, state: Mapping[str, torch.Tensor], strict: bool = True) -> KeyDiff:

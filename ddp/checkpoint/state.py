@@ -46,12 +46,10 @@ def _opt_float(x: Any) -> float | None:
 
 def capture_rng() -> dict:
     """Python, numpy, torch CPU and (if available) every CUDA device's RNG state, as plain types/tensors."""
-    numpy_state = None
-    if np is not None:
-        s = np.random.get_state(legacy=False)
-        numpy_state = {"bit_generator": s["bit_generator"], "pos": int(s["state"]["pos"]),
-                       "key": torch.from_numpy(s["state"]["key"].astype(np.int64)),  # uint32 -> int64, lossless
-                       "has_gauss": int(s["has_gauss"]), "gauss": float(s["gauss"])}
+    s = np.random.get_state(legacy=False)
+    numpy_state = {"bit_generator": s["bit_generator"], "pos": int(s["state"]["pos"]),
+                   "key": torch.from_numpy(s["state"]["key"].astype(np.int64)),  # uint32 -> int64, lossless
+                   "has_gauss": int(s["has_gauss"]), "gauss": float(s["gauss"])}
     return {"python": plain(random.getstate()),  # (version, tuple of 625 ints, gauss) -> lists
             "numpy": numpy_state,
             "torch": torch.get_rng_state(),
@@ -65,7 +63,7 @@ def restore_rng(state: Mapping[str, Any] | None) -> None:
     if state.get("python") is not None:
         version, internal, gauss = state["python"]
         random.setstate((version, tuple(internal), gauss))
-    if state.get("numpy") is not None and np is not None:
+    if state.get("numpy") is not None:
         s = state["numpy"]
         np.random.set_state({"bit_generator": s["bit_generator"], "has_gauss": s["has_gauss"], "gauss": s["gauss"],
                              "state": {"key": s["key"].cpu().numpy().astype(np.uint32), "pos": s["pos"]}})

@@ -1,0 +1,74 @@
+"""Test accuracy of any checkpoint or export, on any device, alone or under torchrun.
+
+    python -m ddp.evaluate --checkpoint checkpoints/best.pt --data-dir data
+    torchrun --standalone --nproc_per_node=2 -m ddp.evaluate --checkpoint model.safetensors --device cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ddp import checkpoint, data, models
+from ddp.config import OneLineParser
+from ddp.dist import Context, all_reduce_sum, log, process_group
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, ctx: Context,
+             batch_size: int = 1000) -> tuple[float, float]:
+    """(loss, accuracy) over the whole set; rank r scores images r, r+N, ..., so each counts once."""
+    model.eval()
+    mine = torch.arange(ctx.rank, len(images), ctx.world_size, device=images.device)
+    loss_sum, correct = 0.0, 0.0
+    for idx in mine.split(batch_size):
+        logits = model(data.normalize(images[idx])).float()
+        loss_sum += F.cross_entropy(logits, labels[idx], reduction="sum").item()
+        correct += (logits.argmax(1) == labels[idx]).sum().item()
+    loss_sum, correct, count = all_reduce_sum([loss_sum, correct, len(mine)], ctx.device)
+    return loss_sum / count, correct / count
+
+
+def test_split(dataset: str, data_dir: str, synthetic_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The test images and labels of `--dataset` (the synthetic test set is a fifth of its train size)."""
+    if dataset == "synthetic":
+        return data.synthetic_cifar10(max(synthetic_size // 5, 1), train=False)
+    return data.load_cifar10(data_dir, train=False)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = OneLineParser(prog="python -m ddp.evaluate", description=__doc__.split("\n")[0],
+                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="a checkpoint, an export (.pt or .safetensors), "
+                   "or a state dict in a common layout")
+    p.add_argument("--model", default=None, help="model name, when the file does not record it")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--data-dir", default="data")
+    p.add_argument("--dataset", default="cifar10", choices=["cifar10", "synthetic"])
+    p.add_argument("--synthetic-size", type=int, default=4096, help="as given to ddp.train")
+    args = p.parse_args(argv)
+    with process_group(args.device) as ctx:
+        try:
+            # Every rank reads the file itself, straight onto its own device.
+            state, meta = checkpoint.load_weights(args.checkpoint, map_location=ctx.device)
+            name = args.model or meta.get("model_name")
+            if name is None:
+                raise checkpoint.CheckpointFormatError(
+                    f"{args.checkpoint} does not record its model; pass --model ({', '.join(models.MODELS)})")
+            model = models.build(name, meta.get("num_classes", 10)).to(ctx.device, memory_format=torch.channels_last)
+            checkpoint.load_state_into(model, state, strict=True)
+            images, labels = test_split(args.dataset, args.data_dir, args.synthetic_size)
+        except (checkpoint.CheckpointError, data.DataError, FileNotFoundError, ValueError) as e:
+            log(f"error: {e}", every_rank=True)
+            sys.exit(2)
+        loss, acc = evaluate(model, images.to(ctx.device), labels.to(ctx.device), ctx)
+        log(f"{args.checkpoint}: {name} on {len(images)} {args.dataset} test images | loss {loss:.4f} | "
+            f"accuracy {100 * acc:.2f}% | {ctx.world_size} x {ctx.device.type}")
+
+
+if __name__ == "__main__":
+    main()
