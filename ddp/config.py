@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
                        choices=["none", "bf16", "fp16"],
                        help="mixed precision on CUDA (--amp alone means bf16; fp16 adds a GradScaler)")
     train.add_argument("--compile", action="store_true", help="torch.compile the model")
+    train.add_argument("--deterministic", action="store_true",
+                       help="deterministic kernels (needed for bitwise-exact resume on GPU; slower)")
 
     run = p.add_argument_group("run")
     run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
@@ -71,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
                       "one, else start fresh; latest: require latest.pt; none: start fresh; or a file")
     ckpt.add_argument("--save-every", type=int, default=1, help="write latest.pt and an epoch file every N epochs "
                       "(and after the last); best.pt whenever test accuracy improves")
+    ckpt.add_argument("--save-every-steps", type=int, default=0,
+                      help="also write latest.pt every N optimizer steps, with the position in the epoch "
+                      "(0: only at epoch ends)")
+    ckpt.add_argument("--stop-at-step", type=int, default=None, metavar="N",
+                      help="save latest.pt and stop at global step N, keeping the --epochs schedule "
+                      "(for time-sliced jobs; run again to continue)")
     ckpt.add_argument("--keep", type=int, default=3, help="epoch files to keep (0: keep all)")
     ckpt.add_argument("--init-from", default=None, metavar="PATH",
                       help="start from these weights only (any common layout), non-strict, with a report")
@@ -105,6 +113,8 @@ def validate(args: argparse.Namespace, world_size: int) -> str | None:
     train_size = args.synthetic_size if args.dataset == "synthetic" else CIFAR10_TRAIN_SIZE
     if args.batch_size > train_size:
         return f"--batch-size {args.batch_size} is larger than the {train_size} training images"
+    if args.save_every_steps < 0 or (args.stop_at_step is not None and args.stop_at_step < 1):
+        return "--save-every-steps must be 0 or more, and --stop-at-step at least 1"
     if args.keep < 0:
         return f"--keep must be 0 (keep all) or more, got {args.keep}"
     for flag, path in [("--resume", args.resume), ("--init-from", args.init_from)]:

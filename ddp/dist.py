@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -126,3 +127,30 @@ def run_and_agree(work: Callable[[], None], *, here: bool, device: torch.device)
         if error is not None:
             raise error
         raise PeerFailedError("another rank failed (its error is in the log); stopping too")
+
+
+class StopSignals:
+    """SIGTERM and SIGUSR1 (what SLURM and torchrun send before a kill) only set a flag here.
+
+    Saving inside a signal handler could interrupt the training step or a collective; instead the
+    loop calls `agree()` at step boundaries, where all ranks learn whether any rank was signalled.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.received = 0
+        self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.received = signum
+
+    def agree(self, device: torch.device) -> str | None:
+        """On every rank: the name of a signal that any rank received, or None (one collective)."""
+        t = torch.tensor([self.received], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return signal.Signals(int(t.item())).name if t.item() else None
+
+    def restore(self) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)

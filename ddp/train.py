@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 import warnings
@@ -21,9 +22,25 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ddp import checkpoint, config, data, models
-from ddp.dist import Context, PeerFailedError, all_reduce_sum, log, process_group, run_and_agree, sync_buffers
+from ddp.dist import (
+    Context,
+    PeerFailedError,
+    StopSignals,
+    all_reduce_sum,
+    log,
+    process_group,
+    run_and_agree,
+    sync_buffers,
+)
 from ddp.evaluate import evaluate
 from ddp.monitor import Monitor
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by a signal after saving; run again to continue
+STOP_CHECK_EVERY = 10  # steps between checks for a stop signal: each check is a (tiny) collective
+
+# Flags that change what is trained: on resume, a difference from the checkpoint's is pointed out.
+RECIPE_FLAGS = ["dataset", "model", "epochs", "batch_size", "lr", "momentum", "weight_decay", "label_smoothing",
+                "warmup_epochs", "seed", "amp"]
 
 
 def load_datasets(args: argparse.Namespace, ctx: Context) -> tuple[torch.Tensor, ...]:
@@ -73,6 +90,10 @@ def find_resume_checkpoint(args: argparse.Namespace, ctx: Context) -> tuple[Path
         found = checkpoint.newest_valid_checkpoint(args.checkpoint_dir, map_location=ctx.device)
     for warning in skipped:
         log(f"warning: {warning.message}")
+    if found is None and skipped:  # never silently throw away a run's progress
+        raise checkpoint.CheckpointCorruptError(
+            f"no valid checkpoint in {args.checkpoint_dir}/ ({len(skipped)} damaged files, see above); "
+            "restore one, or pass --resume none to start fresh")
     if found is None:
         log(f"no checkpoint in {args.checkpoint_dir}/: starting fresh")
     return found
@@ -104,17 +125,23 @@ def train(args: argparse.Namespace, ctx: Context) -> dict[str, float]:
 
     # Resume everything, or start fresh (optionally from other weights). Done before wrapping in DDP,
     # on every rank, each reading the file onto its own device.
-    epoch, step, metrics = 0, 0, {"best_acc": 0.0, "acc": math.nan, "loss": math.nan}
+    epoch, batch_in_epoch, step = 0, 0, 0
+    metrics = {"best_acc": 0.0, "acc": math.nan, "loss": math.nan}
     resumed = find_resume_checkpoint(args, ctx)
     if resumed:
         path, ckpt = resumed
         checkpoint.restore_checkpoint(ckpt, model, optimizer, scheduler, scaler)
         checkpoint.restore_rng(ckpt["rng"])
-        epoch, step = ckpt["progress"]["epoch"], ckpt["progress"]["step"]
+        epoch, batch_in_epoch, step = (ckpt["progress"][k] for k in ("epoch", "batch_in_epoch", "step"))
         metrics.update({k: v for k, v in ckpt["metrics"].items() if v is not None})
         saved = ckpt["env"]
-        log(f"resumed from {path}: epoch {epoch}, step {step}, best acc {100 * metrics['best_acc']:.2f}%"
-            f" (saved by {saved['world_size']} x {saved['device']}, now {ctx.world_size} x {ctx.device.type})")
+        log(f"resumed from {path}: epoch {epoch}" + (f" + {batch_in_epoch} batches" if batch_in_epoch else "")
+            + f", step {step}, best acc {100 * metrics['best_acc']:.2f}% (saved by {saved['world_size']} x "
+            f"{saved['device']}, now {ctx.world_size} x {ctx.device.type})")
+        changed = [f"--{k.replace('_', '-')} {v!r} -> {getattr(args, k)!r}" for k, v in ckpt["config"].items()
+                   if k in RECIPE_FLAGS and v != getattr(args, k)]
+        if changed:
+            log(f"note: flags changed since the checkpoint: {', '.join(changed)}")
     else:
         if hasattr(model, "init_whitening"):
             model.init_whitening(data.normalize(train_x[:5000]))
@@ -133,35 +160,32 @@ def train(args: argparse.Namespace, ctx: Context) -> dict[str, float]:
     if epoch >= args.epochs:
         log(f"nothing to do: the checkpoint has {epoch} epochs and --epochs is {args.epochs}")
 
-    def save(improved: bool, periodic: bool) -> None:
-        """Rank 0 writes; all ranks learn whether it worked (a failed write stops every rank)."""
+    def save(*names: str) -> None:
+        """Rank 0 writes the files; all ranks learn whether it worked (a failed write stops every rank)."""
         def write() -> None:
             ckpt = checkpoint.make_checkpoint(
-                model, optimizer, scheduler, scaler, progress={"epoch": epoch, "step": step, "batch_in_epoch": 0},
+                model, optimizer, scheduler, scaler,
+                progress={"epoch": epoch, "step": step, "batch_in_epoch": batch_in_epoch},
                 metrics=metrics, config={**config.to_dict(args), "num_classes": data.NUM_CLASSES},
                 world_size=ctx.world_size, device_type=ctx.device.type)
-            folder = Path(args.checkpoint_dir)
-            paths = []
-            if periodic:
-                paths += [folder / checkpoint.epoch_checkpoint_name(epoch), folder / checkpoint.LATEST_NAME]
-            if improved:
-                paths.append(folder / checkpoint.BEST_NAME)
-            checkpoint.save_checkpoint(ckpt, *paths)
-            checkpoint.prune_epoch_checkpoints(folder, args.keep)  # only now: the new file is safely written
+            checkpoint.save_checkpoint(ckpt, *(Path(args.checkpoint_dir) / name for name in names))
+            checkpoint.prune_epoch_checkpoints(args.checkpoint_dir, args.keep)  # now: the new file is written
 
-        if improved or periodic:
+        if names:
             run_and_agree(write, here=ctx.is_main, device=ctx.device)
 
     monitor = Monitor(ctx.is_main, args.logdir, args.run_name, config.to_dict(args),
                       note="SYNTHETIC data, not CIFAR-10" if args.dataset == "synthetic" else "")
+    stop_signals = StopSignals()
+    train_loss = math.nan  # until the first logged step (a resumed epoch may have no steps left)
     try:
         while epoch < args.epochs:
             order = data.shard_epoch(len(train_x), args.batch_size, ctx.world_size, ctx.rank, args.seed, epoch)
             model.train()
-            monitor.start_epoch(epoch, args.epochs, steps_per_epoch)
-            t0 = time.perf_counter()
+            monitor.start_epoch(epoch, args.epochs, steps_per_epoch, done=batch_in_epoch)
+            t0, first_batch = time.perf_counter(), batch_in_epoch
             running = torch.zeros(2, dtype=torch.float64, device=ctx.device)  # loss sum, steps
-            for batch_in_epoch in range(steps_per_epoch):
+            while batch_in_epoch < steps_per_epoch:  # a resumed epoch skips the batches already consumed
                 idx = order[batch_in_epoch].to(ctx.device)
                 generator = data.make_generator(args.seed, epoch, batch_in_epoch, ctx.rank)
                 x, y = data.normalize(data.augment(train_x[idx], generator)), train_y[idx]
@@ -172,42 +196,70 @@ def train(args: argparse.Namespace, ctx: Context) -> dict[str, float]:
                 scaler.step(optimizer)
                 scaler.update()
                 scheduler.step()
-                step += 1
+                step, batch_in_epoch = step + 1, batch_in_epoch + 1
                 running += torch.stack([loss.detach().double(), torch.ones_like(running[0])])
                 monitor.advance()
-                if step % args.log_every == 0 or batch_in_epoch == steps_per_epoch - 1:
+                end_of_epoch = batch_in_epoch == steps_per_epoch
+                if step % args.log_every == 0 or end_of_epoch:
                     loss_sum, count = all_reduce_sum(running.tolist(), ctx.device)
                     running.zero_()
                     train_loss = loss_sum / count
                     monitor.scalars(step, {"train/loss": train_loss, "train/lr": scheduler.get_last_lr()[0]})
+                if args.save_every_steps and step % args.save_every_steps == 0 and not end_of_epoch:
+                    save(checkpoint.LATEST_NAME)
+                # Preemption: every few steps the ranks agree on whether any of them got a signal.
+                if step % STOP_CHECK_EVERY == 0 or end_of_epoch or step == args.stop_at_step:
+                    received = stop_signals.agree(ctx.device)
+                    if received or step == args.stop_at_step:
+                        save(checkpoint.LATEST_NAME)
+                        log(f"stopping at epoch {epoch} + {batch_in_epoch} batches, step {step} "
+                            f"({received or '--stop-at-step'}): saved {args.checkpoint_dir}/latest.pt; "
+                            "run again with --resume auto to continue")
+                        if received:
+                            raise Preempted(received)
+                        return metrics
             train_time = time.perf_counter() - t0
             monitor.end_epoch()
-            epoch += 1
+            epoch, batch_in_epoch = epoch + 1, 0
 
             line = f"epoch {epoch}/{args.epochs} | train loss {train_loss:.4f}"
-            improved = False
+            files = []
             if epoch % args.eval_every == 0 or epoch == args.epochs:
                 sync_buffers(model)
                 metrics["loss"], metrics["acc"] = evaluate(model, test_x, test_y, ctx)
-                improved = metrics["acc"] > metrics["best_acc"]
-                metrics["best_acc"] = max(metrics["best_acc"], metrics["acc"])
+                if metrics["acc"] > metrics["best_acc"]:
+                    metrics["best_acc"] = metrics["acc"]
+                    files.append(checkpoint.BEST_NAME)
                 monitor.scalars(step, {"test/loss": metrics["loss"], "test/acc": metrics["acc"]})
                 line += f" | test loss {metrics['loss']:.4f} acc {100 * metrics['acc']:.2f}%"
-            save(improved, periodic=epoch % args.save_every == 0 or epoch == args.epochs)
+            if epoch % args.save_every == 0 or epoch == args.epochs:
+                files += [checkpoint.epoch_checkpoint_name(epoch), checkpoint.LATEST_NAME]
+            save(*files)
             epoch_time = time.perf_counter() - t0
-            images_per_sec = steps_per_epoch * args.batch_size / train_time
+            images_per_sec = (steps_per_epoch - first_batch) * args.batch_size / train_time
             monitor.scalars(step, {"perf/images_per_sec": images_per_sec, "perf/epoch_time_s": epoch_time})
             log(f"{line} | {images_per_sec:.0f} img/s | {epoch_time:.1f}s")
     finally:
+        stop_signals.restore()
         monitor.close()
     return metrics
 
 
+class Preempted(Exception):
+    """A rank received SIGTERM/SIGUSR1; latest.pt is saved and every rank exits with PREEMPTED_EXIT_CODE."""
+
+
 def main(argv: list[str] | None = None) -> None:
     args = config.parse_args(argv)  # bad flags exit here, before any process group exists
+    if args.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before CUDA starts: cuBLAS needs it
     try:
         with process_group(args.device, args.backend, args.timeout_min) as ctx:
+            torch.use_deterministic_algorithms(args.deterministic)
+            torch.backends.cudnn.benchmark = not args.deterministic
             train(args, ctx)
+    except Preempted:
+        sys.exit(PREEMPTED_EXIT_CODE)
     except (checkpoint.CheckpointError, data.DataError, FileNotFoundError, PeerFailedError) as e:
         # Problems with the user's files: one line, no traceback. Anything else is a bug: traceback.
         log(f"error: {e}", every_rank=True)

@@ -23,7 +23,14 @@ from ddp.checkpoint.files import (
     load_checkpoint,
     save_checkpoint,
 )
-from ddp.checkpoint.keys import detect_prefixes, diff_state, parse_remap, remap_prefixes, strip_wrapper_prefixes
+from ddp.checkpoint.keys import (
+    WRAPPER_PREFIXES,
+    detect_prefixes,
+    diff_state,
+    parse_remap,
+    remap_prefixes,
+    strip_wrapper_prefixes,
+)
 from ddp.checkpoint.state import plain
 
 PROG = "python -m ddp.checkpoint"
@@ -110,7 +117,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         model = models.build(args.model, num_classes)
         params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
         for key in info["keys"]:
-            key["kind"] = "parameter" if key["name"] in params else "buffer" if key["name"] in buffers else "unknown"
+            key["kind"] = "parameter" if key["name"] in params else "buffer" if key["name"] in buffers else "not in model"
         diff = diff_state(model.state_dict(), state)
         info["model"] = {"name": args.model, "num_classes": num_classes, "strict_load_ok": diff.ok,
                          "missing": diff.missing, "unexpected": diff.unexpected,
@@ -124,7 +131,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         return ", ".join(f"{k} {'-' if v is None else f'{v:.4g}' if isinstance(v, float) else v}"
                          for k, v in d.items()) if d else "-"
 
-    prefixes = " ".join(info["prefixes"])
+    wrappers = [p for p in info["prefixes"] if p in WRAPPER_PREFIXES]
+    others = [p for p in info["prefixes"] if p not in WRAPPER_PREFIXES]
+    prefixes = "; ".join([f"{' '.join(wrappers)} (stripped when loading)"] * bool(wrappers)
+                         + [f"{p} (rename with --remap {p}=)" for p in others]) or "none"
     print(f"file        {path} ({_size(info['file_size'])})")
     print(f"format      {info['format'] or 'none (foreign)'}; layout: {layout}")
     print(f"progress    {fmt(info['progress'])}")
@@ -133,7 +143,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"config      {fmt({k: config[k] for k in ('model', 'num_classes') if k in config})}")
     print(f"contains    {', '.join(k for k, v in info['has'].items() if v) or 'model weights only'}")
     print(f"tensors     {info['num_tensors']} ({info['numel']:,} numbers)")
-    print(f"prefixes    {prefixes + ' (stripped when loading)' if prefixes else 'none'}")
+    print(f"prefixes    {prefixes}")
     width = max((len(k["name"]) for k in info["keys"]), default=0)
     for key in info["keys"]:
         shape = "x".join(map(str, key["shape"])) or "scalar"

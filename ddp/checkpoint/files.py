@@ -10,6 +10,7 @@ import os
 import pickle
 import re
 import secrets
+import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any
@@ -113,10 +114,32 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any, *, trust_pickle:
         raise CheckpointCorruptError(f"{path} is empty (0 bytes), probably an interrupted write; "
                                      "delete it or pick another checkpoint")
     with open(path, "rb") as f:  # real I/O problems (e.g. permission denied) surface here, as themselves
+        _verify_crc32(f, path)
         try:
             return torch.load(f, map_location=map_location, weights_only=not trust_pickle)
         except Exception as e:  # from here on, torch choked on the bytes (a bad zip even shows up as OSError)
             raise _load_error(path, e, trust_pickle) from e
+
+
+def _verify_crc32(f: IO[bytes], path: Path) -> None:
+    """Check every record of a torch zip file against the CRC32 that torch.save stored for it.
+
+    torch.load does not check these, so a flipped bit in the tensor data would load silently.
+    Files that are not zips (the legacy torch format, other pickles) are left to torch.load.
+    """
+    if not zipfile.is_zipfile(f):
+        f.seek(0)
+        return
+    try:
+        with zipfile.ZipFile(f) as archive:
+            bad = archive.testzip()  # reads every record, compares its CRC32
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise CheckpointCorruptError(f"{path} is a damaged zip ({first_line(e, 120)}); delete it or pick "
+                                     "another checkpoint") from e
+    if bad is not None:
+        raise CheckpointCorruptError(f"{path} is corrupted: record {bad} fails its CRC32 check; delete it or "
+                                     "pick another checkpoint")
+    f.seek(0)
 
 
 def _load_error(path: Path, e: Exception, trust_pickle: bool) -> CheckpointError:
