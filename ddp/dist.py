@@ -52,6 +52,22 @@ def resolve_backend(flag: str, device: torch.device) -> str:
     return flag
 
 
+def rendezvous_store(rank: int, world_size: int, timeout: timedelta) -> dist.Store:
+    """The key-value store the ranks meet in: torchrun's (env://), or an in-memory one for a lone process.
+
+    After torchrun restarts failed workers, the store still holds the previous attempt's keys,
+    among them the old address of each rank's gloo/NCCL listener; a new rank that read one of
+    those before its peer overwrote it would connect to a dead port and hang. A prefix per
+    restart attempt keeps each attempt's keys apart.
+    """
+    if "MASTER_ADDR" not in os.environ:
+        return dist.HashStore()
+    agent_hosts_it = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # else rank 0 serves it
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                          is_master=rank == 0 and not agent_hosts_it, timeout=timeout, multi_tenant=True)
+    return dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store)
+
+
 @contextlib.contextmanager
 def process_group(device: str = "auto", backend: str = "auto", timeout_min: float = 10.0) -> Iterator[Context]:
     """Initialise the process group for this job, and always tear it down (success, error, Ctrl-C)."""
@@ -63,10 +79,9 @@ def process_group(device: str = "auto", backend: str = "auto", timeout_min: floa
     backend = resolve_backend(backend, dev)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)  # before init, so NCCL binds this rank to its own GPU
-    kwargs = {} if "MASTER_ADDR" in os.environ else {"store": dist.HashStore()}  # a lone process
-    dist.init_process_group(backend, rank=rank, world_size=world_size,
-                            timeout=timedelta(minutes=timeout_min),
-                            device_id=dev if dev.type == "cuda" else None, **kwargs)
+    timeout = timedelta(minutes=timeout_min)
+    dist.init_process_group(backend, store=rendezvous_store(rank, world_size, timeout), rank=rank,
+                            world_size=world_size, timeout=timeout, device_id=dev if dev.type == "cuda" else None)
     try:
         yield Context(rank, local_rank, world_size, dev, backend)
     finally:
@@ -134,23 +149,29 @@ class StopSignals:
 
     Saving inside a signal handler could interrupt the training step or a collective; instead the
     loop calls `agree()` at step boundaries, where all ranks learn whether any rank was signalled.
+    The handlers stay for the life of the process, so that a second signal during the final save or
+    the teardown cannot kill a rank halfway; `ignore()` keeps it so while Python shuts down.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
     def __init__(self) -> None:
         self.received = 0
-        self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        for s in self.SIGNALS:
+            signal.signal(s, self._handle)
 
     def _handle(self, signum: int, frame: object) -> None:
         self.received = signum
+
+    @classmethod
+    def ignore(cls) -> None:
+        """Ignore further stop signals: Python resets its own handlers to "die" when it shuts down,
+        and torchrun signals the ranks that are still exiting as soon as the first one has."""
+        for s in cls.SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
 
     def agree(self, device: torch.device) -> str | None:
         """On every rank: the name of a signal that any rank received, or None (one collective)."""
         t = torch.tensor([self.received], device=device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return signal.Signals(int(t.item())).name if t.item() else None
-
-    def restore(self) -> None:
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)

@@ -85,9 +85,10 @@ def find_resume_checkpoint(args: argparse.Namespace, ctx: Context) -> tuple[Path
     latest = Path(args.checkpoint_dir) / checkpoint.LATEST_NAME
     if args.resume == "latest":
         return latest, checkpoint.load_checkpoint(latest, map_location=ctx.device)
-    with warnings.catch_warnings(record=True) as skipped:  # corrupt files: say so once, on rank 0
-        warnings.simplefilter("always")
+    with warnings.catch_warnings(record=True) as caught:  # damaged files: say so once, on rank 0
+        warnings.simplefilter("always", checkpoint.DamagedCheckpointWarning)
         found = checkpoint.newest_valid_checkpoint(args.checkpoint_dir, map_location=ctx.device)
+    skipped = [w for w in caught if issubclass(w.category, checkpoint.DamagedCheckpointWarning)]
     for warning in skipped:
         log(f"warning: {warning.message}")
     if found is None and skipped:  # never silently throw away a run's progress
@@ -240,7 +241,6 @@ def train(args: argparse.Namespace, ctx: Context) -> dict[str, float]:
             monitor.scalars(step, {"perf/images_per_sec": images_per_sec, "perf/epoch_time_s": epoch_time})
             log(f"{line} | {images_per_sec:.0f} img/s | {epoch_time:.1f}s")
     finally:
-        stop_signals.restore()
         monitor.close()
     return metrics
 
@@ -259,6 +259,7 @@ def main(argv: list[str] | None = None) -> None:
             torch.backends.cudnn.benchmark = not args.deterministic
             train(args, ctx)
     except Preempted:
+        StopSignals.ignore()  # saved already; exit with our code, not killed by a late signal
         sys.exit(PREEMPTED_EXIT_CODE)
     except (checkpoint.CheckpointError, data.DataError, FileNotFoundError, PeerFailedError) as e:
         # Problems with the user's files: one line, no traceback. Anything else is a bug: traceback.

@@ -15,6 +15,7 @@ from ddp.checkpoint.errors import (
     CheckpointFormatError,
     CheckpointMismatchError,
     CheckpointWriteError,
+    DamagedCheckpointWarning,
     UntrustedPickleError,
 )
 from ddp.checkpoint.files import (
@@ -61,6 +62,7 @@ __all__ = [
     "CheckpointFormatError",
     "CheckpointMismatchError",
     "CheckpointWriteError",
+    "DamagedCheckpointWarning",
     "KeyDiff",
     "UntrustedPickleError",
     "capture_rng",

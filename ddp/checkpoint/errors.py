@@ -36,6 +36,10 @@ class CheckpointWriteError(CheckpointError, OSError):
     """Saving failed; whatever was at the destination before is untouched."""
 
 
+class DamagedCheckpointWarning(UserWarning):
+    """A checkpoint file was skipped because it is unreadable; an older one is used instead."""
+
+
 def first_line(e: BaseException, limit: int = 200) -> str:
     """The first line of an exception's message, with its type unless it is an OSError."""
     text = (str(e).strip().splitlines() or [""])[0]

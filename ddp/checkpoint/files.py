@@ -8,6 +8,7 @@ import io
 import json
 import os
 import pickle
+import pickletools
 import re
 import secrets
 import zipfile
@@ -100,6 +101,30 @@ def _refused_global(e: BaseException) -> str | None:
     return None
 
 
+def _foreign_globals(path: Path) -> list[str]:
+    """What a pickle would import beyond torch's own rebuild functions, read with pickletools: nothing runs.
+
+    Needed where torch's weights-only unpickler stops before naming the class (e.g. protocol 4 pickles).
+    """
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                data = archive.read(next(n for n in archive.namelist() if n.endswith("data.pkl")))
+        else:
+            data = path.read_bytes()
+        names, strings = [], []
+        for op, arg, _ in pickletools.genops(data):
+            if isinstance(arg, str):
+                strings.append(arg)
+            if op.name == "GLOBAL":
+                names.append(arg.replace(" ", "."))
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:  # module and name were pushed as strings
+                names.append(f"{strings[-2]}.{strings[-1]}")
+    except Exception:  # noqa: BLE001 -- not a pickle we can walk: nothing more to say about it
+        return []
+    return [n for n in names if not n.startswith(("torch.", "collections.OrderedDict"))]
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: Any, *, trust_pickle: bool = False) -> Any:
     """torch.load with weights_only=True (unless trust_pickle), turning failures into clear one-line errors.
 
@@ -144,7 +169,9 @@ def _verify_crc32(f: IO[bytes], path: Path) -> None:
 
 def _load_error(path: Path, e: Exception, trust_pickle: bool) -> CheckpointError:
     """Translate whatever torch.load raised into one of our one-line errors."""
-    name = _refused_global(e) if isinstance(e, pickle.UnpicklingError) else None
+    name = None
+    if isinstance(e, pickle.UnpicklingError):
+        name = _refused_global(e) or next(iter(_foreign_globals(path)), None)
     if name:
         return UntrustedPickleError(
             f"{path} contains pickled Python objects ({name}), e.g. a whole model saved with torch.save(model), "

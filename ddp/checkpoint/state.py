@@ -15,7 +15,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from ddp.checkpoint.errors import CheckpointCorruptError, CheckpointFormatError, CheckpointMismatchError, first_line
+from ddp.checkpoint.errors import (
+    CheckpointCorruptError,
+    CheckpointFormatError,
+    CheckpointMismatchError,
+    DamagedCheckpointWarning,
+    first_line,
+)
 from ddp.checkpoint.files import FORMAT, LATEST_NAME, load_checkpoint
 from ddp.checkpoint.keys import load_state_into, unwrap_model
 
@@ -159,5 +165,5 @@ def newest_valid_checkpoint(directory: str | os.PathLike, map_location: Any) -> 
         try:
             return path, load_checkpoint(path, map_location)
         except CheckpointCorruptError as e:
-            warnings.warn(f"skipping unreadable checkpoint: {e}", stacklevel=2)
+            warnings.warn(f"skipping unreadable checkpoint: {e}", DamagedCheckpointWarning, stacklevel=2)
     return None
