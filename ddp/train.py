@@ -43,6 +43,14 @@ RECIPE_FLAGS = ["dataset", "model", "epochs", "batch_size", "lr", "momentum", "w
                 "warmup_epochs", "seed", "amp"]
 
 
+class Stopped(Exception):
+    """Raised on every rank at once: for a signal (exit with PREEMPTED_EXIT_CODE) or --stop-at-step (return)."""
+
+    def __init__(self, signal_name: str | None):
+        super().__init__(signal_name)
+        self.signal_name = signal_name
+
+
 def load_datasets(args: argparse.Namespace, ctx: Context) -> tuple[torch.Tensor, ...]:
     """(train images, train labels, test images, test labels) as uint8/int64 tensors on the device."""
     if args.dataset == "synthetic":
@@ -175,6 +183,18 @@ def train(args: argparse.Namespace, ctx: Context) -> dict[str, float]:
         if names:
             run_and_agree(write, here=ctx.is_main, device=ctx.device)
 
+    def stop_if_asked(latest_is_saved: bool = False) -> None:
+        """At a step boundary: if any rank got a stop signal, or --stop-at-step is reached, save and stop."""
+        received = stop_signals.agree(ctx.device)
+        if not received and step != args.stop_at_step:
+            return
+        if not latest_is_saved:
+            save(checkpoint.LATEST_NAME)
+        position = f"epoch {epoch}" + (f" + {batch_in_epoch} batches" if batch_in_epoch else "")
+        log(f"stopping at {position}, step {step} ({received or '--stop-at-step'}): saved "
+            f"{args.checkpoint_dir}/{checkpoint.LATEST_NAME}; run again with --resume auto to continue")
+        raise Stopped(received)
+
     monitor = Monitor(ctx.is_main, args.logdir, args.run_name, config.to_dict(args),
                       note="SYNTHETIC data, not CIFAR-10" if args.dataset == "synthetic" else "")
     stop_signals = StopSignals()
@@ -206,19 +226,14 @@ def train(args: argparse.Namespace, ctx: Context) -> dict[str, float]:
                     running.zero_()
                     train_loss = loss_sum / count
                     monitor.scalars(step, {"train/loss": train_loss, "train/lr": scheduler.get_last_lr()[0]})
-                if args.save_every_steps and step % args.save_every_steps == 0 and not end_of_epoch:
+                if end_of_epoch:
+                    break  # the epoch's own bookkeeping below saves and checks for a stop
+                saved = args.save_every_steps and step % args.save_every_steps == 0
+                if saved:
                     save(checkpoint.LATEST_NAME)
                 # Preemption: every few steps the ranks agree on whether any of them got a signal.
-                if step % STOP_CHECK_EVERY == 0 or end_of_epoch or step == args.stop_at_step:
-                    received = stop_signals.agree(ctx.device)
-                    if received or step == args.stop_at_step:
-                        save(checkpoint.LATEST_NAME)
-                        log(f"stopping at epoch {epoch} + {batch_in_epoch} batches, step {step} "
-                            f"({received or '--stop-at-step'}): saved {args.checkpoint_dir}/latest.pt; "
-                            "run again with --resume auto to continue")
-                        if received:
-                            raise Preempted(received)
-                        return metrics
+                if step % STOP_CHECK_EVERY == 0 or step == args.stop_at_step:
+                    stop_if_asked(latest_is_saved=saved)
             train_time = time.perf_counter() - t0
             monitor.end_epoch()
             epoch, batch_in_epoch = epoch + 1, 0
@@ -233,20 +248,22 @@ def train(args: argparse.Namespace, ctx: Context) -> dict[str, float]:
                     files.append(checkpoint.BEST_NAME)
                 monitor.scalars(step, {"test/loss": metrics["loss"], "test/acc": metrics["acc"]})
                 line += f" | test loss {metrics['loss']:.4f} acc {100 * metrics['acc']:.2f}%"
-            if epoch % args.save_every == 0 or epoch == args.epochs:
+            periodic = epoch % args.save_every == 0 or epoch == args.epochs
+            if periodic:
                 files += [checkpoint.epoch_checkpoint_name(epoch), checkpoint.LATEST_NAME]
             save(*files)
             epoch_time = time.perf_counter() - t0
             images_per_sec = (steps_per_epoch - first_batch) * args.batch_size / train_time
             monitor.scalars(step, {"perf/images_per_sec": images_per_sec, "perf/epoch_time_s": epoch_time})
             log(f"{line} | {images_per_sec:.0f} img/s | {epoch_time:.1f}s")
+            if epoch < args.epochs:
+                stop_if_asked(latest_is_saved=periodic)
+    except Stopped as stop:
+        if stop.signal_name:
+            raise  # main() exits with PREEMPTED_EXIT_CODE
     finally:
         monitor.close()
     return metrics
-
-
-class Preempted(Exception):
-    """A rank received SIGTERM/SIGUSR1; latest.pt is saved and every rank exits with PREEMPTED_EXIT_CODE."""
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -258,7 +275,7 @@ def main(argv: list[str] | None = None) -> None:
             torch.use_deterministic_algorithms(args.deterministic)
             torch.backends.cudnn.benchmark = not args.deterministic
             train(args, ctx)
-    except Preempted:
+    except Stopped:
         StopSignals.ignore()  # saved already; exit with our code, not killed by a late signal
         sys.exit(PREEMPTED_EXIT_CODE)
     except (checkpoint.CheckpointError, data.DataError, FileNotFoundError, PeerFailedError) as e:
