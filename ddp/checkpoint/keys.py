@@ -149,8 +149,9 @@ def load_state_into(model: nn.Module, state: Mapping[str, torch.Tensor], strict:
     diff = diff_state(target.state_dict(), state)
     if strict and not diff.ok:
         raise CheckpointMismatchError(
-            f"checkpoint does not fit {type(target).__name__}: {diff.one_line()}. Check that --model and "
-            "--num-classes match the run that saved it, or use --init-from for a partial load", diff)
+            f"checkpoint does not fit {type(target).__name__}: {diff.one_line()}. Check that the model "
+            "matches the run that saved it (`python -m ddp.checkpoint inspect FILE --model NAME` shows the diff), "
+            "or use --init-from for a partial load", diff)
     skip = {key for key, _, _ in diff.shape_mismatch}  # load_state_dict(strict=False) still fails on shapes
     try:
         target.load_state_dict({k: v for k, v in state.items() if k not in skip}, strict=strict)
