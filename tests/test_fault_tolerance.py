@@ -260,3 +260,20 @@ def test_disk_full_keeps_previous_checkpoints_and_stops_every_rank(reference, tm
     assert "[rank 1] error: another rank failed" in result.stderr
     after = {p.name: p.read_bytes() for p in (tmp_path / "checkpoints").iterdir()}
     assert after == before  # nothing lost, nothing half-written left behind
+
+
+def test_resume_modes(reference, tmp_path, capsys):
+    ctx = Context(0, 0, 1, torch.device("cpu"), "gloo")
+
+    def args(resume: str, folder: Path):
+        return type("Args", (), {"resume": resume, "checkpoint_dir": str(folder)})
+
+    assert find_resume_checkpoint(args("none", reference), ctx) is None
+    path, ckpt = find_resume_checkpoint(args("latest", reference), ctx)
+    assert path == reference / "latest.pt" and ckpt["progress"]["epoch"] == 6
+    path, ckpt = find_resume_checkpoint(args(str(reference / "epoch_0002.pt"), tmp_path), ctx)
+    assert ckpt["progress"]["epoch"] == 2
+    assert find_resume_checkpoint(args("auto", tmp_path), ctx) is None  # empty directory: start fresh
+    assert "no checkpoint in" in capsys.readouterr().out
+    with pytest.raises(FileNotFoundError, match="checkpoint not found: .*latest.pt"):
+        find_resume_checkpoint(args("latest", tmp_path), ctx)  # latest means latest: no silent fresh start

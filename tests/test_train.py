@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import re
 
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import run_module
+from ddp import models
 
 
 def test_two_process_torchrun_run_learns_and_logs_to_tensorboard(tmp_path):
@@ -34,3 +36,12 @@ def test_two_process_torchrun_run_learns_and_logs_to_tensorboard(tmp_path):
     assert abs(events.Scalars("test/acc")[-1].value * 100 - float(epochs[-1][3])) < 0.01
     assert any("hparams" in t for t in tags["tensors"])
     assert len(list((tmp_path / "runs").iterdir())) == 1  # one writer: rank 0
+
+
+def test_compiled_ddp_model_trains_and_saves_canonical_keys(tmp_path):
+    result = run_module(["ddp.train", "--dataset", "synthetic", "--synthetic-size", "512", "--batch-size", "128",
+                         "--epochs", "2", "--compile"], cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert "epoch 2/2" in result.stdout
+    saved = torch.load(tmp_path / "checkpoints" / "latest.pt", weights_only=True)["model"]
+    assert list(saved) == list(models.build("fastnet").state_dict())  # no module. / _orig_mod.
