@@ -109,6 +109,13 @@ def synthetic_cifar10(n: int, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return images, labels
 
 
+def load_split(dataset: str, data_dir: str | Path, synthetic_size: int, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """One split of `--dataset` as (uint8 images, int64 labels); the synthetic test set is a fifth as large."""
+    if dataset == "synthetic":
+        return synthetic_cifar10(synthetic_size if train else max(synthetic_size // 5, 1), train=train)
+    return load_cifar10(data_dir, train=train)
+
+
 def make_generator(seed: int, *keys: int) -> torch.Generator:
     """A CPU generator seeded by a hash of (seed, *keys), so that streams never overlap."""
     digest = hashlib.sha256(repr((seed, *keys)).encode()).digest()

@@ -33,13 +33,6 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, ctx: 
     return loss_sum / count, correct / count
 
 
-def test_split(dataset: str, data_dir: str, synthetic_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The test images and labels of `--dataset` (the synthetic test set is a fifth of its train size)."""
-    if dataset == "synthetic":
-        return data.synthetic_cifar10(max(synthetic_size // 5, 1), train=False)
-    return data.load_cifar10(data_dir, train=False)
-
-
 def main(argv: list[str] | None = None) -> None:
     p = OneLineParser(prog="python -m ddp.evaluate", description=__doc__.split("\n")[0],
                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -61,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
                     f"{args.checkpoint} does not record its model; pass --model ({', '.join(models.MODELS)})")
             model = models.build(name, meta.get("num_classes", 10)).to(ctx.device, memory_format=torch.channels_last)
             checkpoint.load_state_into(model, state, strict=True)
-            images, labels = test_split(args.dataset, args.data_dir, args.synthetic_size)
+            images, labels = data.load_split(args.dataset, args.data_dir, args.synthetic_size, train=False)
         except (checkpoint.CheckpointError, data.DataError, FileNotFoundError, ValueError) as e:
             log(f"error: {e}", every_rank=True)
             sys.exit(2)

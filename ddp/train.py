@@ -53,14 +53,9 @@ class Stopped(Exception):
 
 def load_datasets(args: argparse.Namespace, ctx: Context) -> tuple[torch.Tensor, ...]:
     """(train images, train labels, test images, test labels) as uint8/int64 tensors on the device."""
-    if args.dataset == "synthetic":
-        train = data.synthetic_cifar10(args.synthetic_size, train=True)
-        test = data.synthetic_cifar10(max(args.synthetic_size // 5, 1), train=False)
-    else:
-        if args.download:  # one download per node: the data directory may be node-local
-            run_and_agree(lambda: data.download_cifar10(args.data_dir), here=ctx.local_rank == 0,
-                          device=ctx.device)
-        train, test = data.load_cifar10(args.data_dir, train=True), data.load_cifar10(args.data_dir, train=False)
+    if args.download and args.dataset == "cifar10":  # one download per node: data may be node-local
+        run_and_agree(lambda: data.download_cifar10(args.data_dir), here=ctx.local_rank == 0, device=ctx.device)
+    train, test = (data.load_split(args.dataset, args.data_dir, args.synthetic_size, split) for split in (True, False))
     # The whole data set is 180 MB of uint8: keep it on the training device, index batches from it.
     return tuple(t.to(ctx.device) for t in (*train, *test))
 
