@@ -103,6 +103,11 @@ def find_resume_checkpoint(args: argparse.Namespace, ctx: Context) -> tuple[Path
     return found
 
 
+def position(epoch: int, batch_in_epoch: int) -> str:
+    """Where training is, as the logs say it: "epoch 3" (3 done) or "epoch 3 + 40 batches"."""
+    return f"epoch {epoch}" + (f" + {batch_in_epoch} batches" if batch_in_epoch else "")
+
+
 def init_from(args: argparse.Namespace, model: nn.Module, ctx: Context) -> None:
     """--init-from: weights only, prefixes remapped, loaded non-strictly, with a report of what fit."""
     state = checkpoint.load_model_state(args.init_from, map_location=ctx.device)
@@ -139,9 +144,9 @@ def train(args: argparse.Namespace, ctx: Context) -> dict[str, float]:
         epoch, batch_in_epoch, step = (ckpt["progress"][k] for k in ("epoch", "batch_in_epoch", "step"))
         metrics.update({k: v for k, v in ckpt["metrics"].items() if v is not None})
         saved = ckpt["env"]
-        log(f"resumed from {path}: epoch {epoch}" + (f" + {batch_in_epoch} batches" if batch_in_epoch else "")
-            + f", step {step}, best acc {100 * metrics['best_acc']:.2f}% (saved by {saved['world_size']} x "
-            f"{saved['device']}, now {ctx.world_size} x {ctx.device.type})")
+        log(f"resumed from {path}: {position(epoch, batch_in_epoch)}, step {step}, best acc "
+            f"{100 * metrics['best_acc']:.2f}% (saved by {saved['world_size']} x {saved['device']}, "
+            f"now {ctx.world_size} x {ctx.device.type})")
         changed = [f"--{k.replace('_', '-')} {v!r} -> {getattr(args, k)!r}" for k, v in ckpt["config"].items()
                    if k in RECIPE_FLAGS and v != getattr(args, k)]
         if changed:
@@ -185,8 +190,7 @@ def train(args: argparse.Namespace, ctx: Context) -> dict[str, float]:
             return
         if not latest_is_saved:
             save(checkpoint.LATEST_NAME)
-        position = f"epoch {epoch}" + (f" + {batch_in_epoch} batches" if batch_in_epoch else "")
-        log(f"stopping at {position}, step {step} ({received or '--stop-at-step'}): saved "
+        log(f"stopping at {position(epoch, batch_in_epoch)}, step {step} ({received or '--stop-at-step'}): saved "
             f"{args.checkpoint_dir}/{checkpoint.LATEST_NAME}; run again with --resume auto to continue")
         raise Stopped(received)
 
