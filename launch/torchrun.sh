@@ -39,11 +39,16 @@ echo "launch/torchrun.sh: $NPROC processes x $OMP_NUM_THREADS threads on $(hostn
 
 pid=""
 interrupted=0
+stopping=0
 # shellcheck disable=SC2317  # (called from the traps below)
 stop() {
   interrupted=1
   echo "launch/torchrun.sh: got SIG$1: stopping torchrun; the trainer saves latest.pt" >&2
-  if [[ -n $pid ]]; then kill -TERM "$pid" 2>/dev/null || true; fi
+  # once: a second SIGTERM would interrupt torchrun's own shutdown of its workers
+  if [[ -n $pid && $stopping == 0 ]]; then
+    stopping=1
+    kill -TERM "$pid" 2>/dev/null || true
+  fi
 }
 trap 'stop USR1' USR1
 trap 'stop TERM' TERM
