@@ -49,13 +49,12 @@ def _free_port() -> int:
 
 
 def _pid_alive(pid: int) -> bool:
+    """A process with this pid runs (a zombie does not: it may never be reaped in a container)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
         return False
-    except PermissionError:
-        return True
-    return True
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def _ancestors() -> set[int]:
