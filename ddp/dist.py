@@ -9,6 +9,7 @@ code path for every topology.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import signal
 import sys
@@ -85,6 +86,10 @@ def process_group(device: str = "auto", backend: str = "auto", timeout_min: floa
     try:
         yield Context(rank, local_rank, world_size, dev, backend)
     finally:
+        # DDP modules sit in reference cycles, so they (and the gloo/NCCL work they hold) would be
+        # freed only as Python shuts down, where a C++ thread torn down late aborts the process
+        # ("terminate called without an active exception"). Free them now, then the group.
+        gc.collect()
         dist.destroy_process_group()
 
 
