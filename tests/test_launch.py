@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 
 import pytest
-import slurm_cluster
 import torch
 
+import slurm_cluster
 from conftest import REPO
 
 TRAIN = ["--dataset", "synthetic", "--synthetic-size", "896", "--batch-size", "128"]  # 7 steps per epoch
