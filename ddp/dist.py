@@ -124,11 +124,16 @@ def sync_buffers(model: torch.nn.Module) -> None:
         dist.broadcast(buffer, src=0)
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank if it is true on any rank: how ranks agree to stop or to fail together."""
-    t = torch.tensor([int(flag)], device=device)
+def max_over_ranks(value: int, device: torch.device) -> int:
+    """The largest of every rank's `value`, on every rank (one collective)."""
+    t = torch.tensor([value], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return int(t.item())
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank if it is true on any rank: how ranks agree to fail together."""
+    return bool(max_over_ranks(int(flag), device))
 
 
 def run_and_agree(work: Callable[[], None], *, here: bool, device: torch.device) -> None:
@@ -177,6 +182,5 @@ class StopSignals:
 
     def agree(self, device: torch.device) -> str | None:
         """On every rank: the name of a signal that any rank received, or None (one collective)."""
-        t = torch.tensor([self.received], device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return signal.Signals(int(t.item())).name if t.item() else None
+        signum = max_over_ranks(self.received, device)
+        return signal.Signals(signum).name if signum else None
