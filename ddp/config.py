@@ -37,20 +37,25 @@ def build_parser() -> argparse.ArgumentParser:
     train = p.add_argument_group("training")
     train.add_argument("--model", default="fastnet", help=f"one of: {', '.join(MODELS)}")
     train.add_argument("--epochs", type=int, default=10)
-    train.add_argument("--batch-size", type=int, default=512,
+    train.add_argument("--batch-size", type=int, default=1024,
                        help="GLOBAL batch size, split evenly across all ranks; it stays the same "
                        "when the number of processes changes")
-    train.add_argument("--lr", type=float, default=0.2, help="peak learning rate")
-    train.add_argument("--momentum", type=float, default=0.9, help="Nesterov momentum")
-    train.add_argument("--weight-decay", type=float, default=5e-4,
-                       help="applied to conv and linear weights, not to biases or BN")
+    train.add_argument("--lr", type=float, default=1.5, help="peak learning rate (of the batch-mean loss)")
+    train.add_argument("--momentum", type=float, default=0.85, help="Nesterov momentum")
+    train.add_argument("--weight-decay", type=float, default=1.33e-3)
+    train.add_argument("--bn-bias-lr-scale", type=float, default=64.0,
+                       help="learning-rate multiplier for BatchNorm biases (their weight decay is divided by "
+                       "it, so they decay as fast as the rest)")
     train.add_argument("--label-smoothing", type=float, default=0.2)
-    train.add_argument("--warmup-epochs", type=float, default=1.0,
-                       help="linear warm-up, then linear decay to zero")
+    train.add_argument("--warmup-epochs", type=float, default=2.0,
+                       help="linear warm-up from 0.2x to the peak LR, then linear decay to zero")
+    train.add_argument("--lookahead", action=argparse.BooleanOptionalAction, default=True,
+                       help="every 5 steps, pull the weights toward a slow average of them (airbench's schedule)")
     train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--amp", nargs="?", const="bf16", default="none",
-                       choices=["none", "bf16", "fp16"],
-                       help="mixed precision on CUDA (--amp alone means bf16; fp16 adds a GradScaler)")
+    train.add_argument("--amp", nargs="?", const="bf16", default="auto", choices=["auto", "none", "bf16", "fp16"],
+                       help="mixed precision. auto: bf16 where the hardware computes it natively (CUDA with "
+                       "bf16, CPUs with AVX512-BF16 or AMX), else none. --amp alone means bf16; fp16 is "
+                       "CUDA only and adds a GradScaler")
     train.add_argument("--compile", action="store_true", help="torch.compile the model")
     train.add_argument("--deterministic", action="store_true",
                        help="deterministic kernels (needed for bitwise-exact resume on GPU; slower)")
@@ -97,7 +102,7 @@ def validate(args: argparse.Namespace, world_size: int) -> str | None:
     for name in ["epochs", "batch_size", "eval_every", "log_every", "synthetic_size", "save_every"]:
         if getattr(args, name) < 1:
             return f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}"
-    for name in ["lr", "timeout_min"]:
+    for name in ["lr", "bn_bias_lr_scale", "timeout_min"]:
         if not getattr(args, name) > 0:
             return f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}"
     for name in ["momentum", "label_smoothing"]:

@@ -34,13 +34,14 @@ from ddp.dist import (
 )
 from ddp.evaluate import evaluate
 from ddp.monitor import Monitor
+from ddp.optim import Lookahead, autocast_dtype, build_optimizer, build_scheduler
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by a signal after saving; run again to continue
 STOP_CHECK_EVERY = 10  # steps between checks for a stop signal: each check is a (tiny) collective
 
 # Flags that change what is trained: on resume, a difference from the checkpoint's is pointed out.
-RECIPE_FLAGS = ["dataset", "model", "epochs", "batch_size", "lr", "momentum", "weight_decay", "label_smoothing",
-                "warmup_epochs", "seed", "amp"]
+RECIPE_FLAGS = ["dataset", "model", "epochs", "batch_size", "lr", "momentum", "weight_decay", "bn_bias_lr_scale",
+                "label_smoothing", "warmup_epochs", "lookahead", "seed", "amp"]
 
 
 class Stopped(Exception):
@@ -58,25 +59,6 @@ def load_datasets(args: argparse.Namespace, ctx: Context) -> tuple[torch.Tensor,
     train, test = (data.load_split(args.dataset, args.data_dir, args.synthetic_size, split) for split in (True, False))
     # The whole data set is 180 MB of uint8: keep it on the training device, index batches from it.
     return tuple(t.to(ctx.device) for t in (*train, *test))
-
-
-def build_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
-    """SGD with Nesterov momentum; no weight decay on biases and BatchNorm parameters."""
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=args.momentum > 0)
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
-    """Per-step schedule: linear warm-up to the peak LR, then linear decay to zero."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def find_resume_checkpoint(args: argparse.Namespace, ctx: Context) -> tuple[Path, dict] | None:
@@ -122,24 +104,32 @@ def train(args: argparse.Namespace, ctx: Context) -> dict[str, float]:
     if args.dataset == "synthetic":
         log("NOTE: training on SYNTHETIC data, not CIFAR-10: accuracies say nothing about CIFAR-10")
 
+    # The model, initialised; a resume below overwrites every weight. Built before DDP wraps it, on every
+    # rank, each reading files straight onto its own device.
     model = models.build(args.model, data.NUM_CLASSES).to(ctx.device, memory_format=torch.channels_last)
+    resumed = find_resume_checkpoint(args, ctx)
+    if not resumed:
+        if hasattr(model, "init_whitening"):
+            model.init_whitening(data.normalize(train_x[:5000]))
+        if args.init_from:
+            init_from(args, model, ctx)
+
     per_rank_batch = args.batch_size // ctx.world_size
     steps_per_epoch = len(train_x) // args.batch_size
+    total_steps = args.epochs * steps_per_epoch
     optimizer = build_optimizer(model, args)
-    scheduler = build_scheduler(optimizer, round(args.warmup_epochs * steps_per_epoch), args.epochs * steps_per_epoch)
-    use_amp = args.amp != "none" and ctx.device.type == "cuda"
-    amp_dtype = torch.float16 if args.amp == "fp16" else torch.bfloat16
-    scaler = torch.amp.GradScaler(ctx.device.type, enabled=use_amp and args.amp == "fp16")
+    scheduler = build_scheduler(optimizer, round(args.warmup_epochs * steps_per_epoch), total_steps)
+    lookahead = Lookahead(model, total_steps) if args.lookahead else None
+    amp_dtype = autocast_dtype(args.amp, ctx.device)
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=amp_dtype == torch.float16)  # bf16 needs no scaling
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
 
-    # Resume everything, or start fresh (optionally from other weights). Done before wrapping in DDP,
-    # on every rank, each reading the file onto its own device.
+    # Resume everything, or start fresh.
     epoch, batch_in_epoch, step = 0, 0, 0
     metrics = {"best_acc": 0.0, "acc": math.nan, "loss": math.nan}
-    resumed = find_resume_checkpoint(args, ctx)
     if resumed:
         path, ckpt = resumed
-        checkpoint.restore_checkpoint(ckpt, model, optimizer, scheduler, scaler)
+        checkpoint.restore_checkpoint(ckpt, model, optimizer, scheduler, scaler, lookahead)
         checkpoint.restore_rng(ckpt["rng"])
         epoch, batch_in_epoch, step = (ckpt["progress"][k] for k in ("epoch", "batch_in_epoch", "step"))
         metrics.update({k: v for k, v in ckpt["metrics"].items() if v is not None})
@@ -151,11 +141,6 @@ def train(args: argparse.Namespace, ctx: Context) -> dict[str, float]:
                    if k in RECIPE_FLAGS and v != getattr(args, k)]
         if changed:
             log(f"note: flags changed since the checkpoint: {', '.join(changed)}")
-    else:
-        if hasattr(model, "init_whitening"):
-            model.init_whitening(data.normalize(train_x[:5000]))
-        if args.init_from:
-            init_from(args, model, ctx)
 
     ddp_model = DDP(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
     train_model = torch.compile(ddp_model) if args.compile else ddp_model
@@ -163,9 +148,8 @@ def train(args: argparse.Namespace, ctx: Context) -> dict[str, float]:
     log(f"world {ctx.world_size} x {ctx.device.type} ({ctx.backend}) | {args.model}: "
         f"{sum(p.numel() for p in model.parameters()):,} parameters | {args.dataset}: "
         f"{len(train_x)} train / {len(test_x)} test images | batch {args.batch_size} global = "
-        f"{ctx.world_size} x {per_rank_batch} | {steps_per_epoch} steps/epoch")
-    if args.amp != "none" and not use_amp:
-        log(f"--amp {args.amp} applies to CUDA only; training in float32 on {ctx.device.type}")
+        f"{ctx.world_size} x {per_rank_batch} | {steps_per_epoch} steps/epoch | "
+        f"{'float32' if amp_dtype is None else str(amp_dtype).removeprefix('torch.') + ' autocast'}")
     if epoch >= args.epochs:
         log(f"nothing to do: the checkpoint has {epoch} epochs and --epochs is {args.epochs}")
 
@@ -173,7 +157,7 @@ def train(args: argparse.Namespace, ctx: Context) -> dict[str, float]:
         """Rank 0 writes the files; all ranks learn whether it worked (a failed write stops every rank)."""
         def write() -> None:
             ckpt = checkpoint.make_checkpoint(
-                model, optimizer, scheduler, scaler,
+                model, optimizer, scheduler, scaler, lookahead,
                 progress={"epoch": epoch, "step": step, "batch_in_epoch": batch_in_epoch},
                 metrics=metrics, config={**config.to_dict(args), "num_classes": data.NUM_CLASSES},
                 world_size=ctx.world_size, device_type=ctx.device.type)
@@ -201,6 +185,7 @@ def train(args: argparse.Namespace, ctx: Context) -> dict[str, float]:
     try:
         while epoch < args.epochs:
             order = data.shard_epoch(len(train_x), args.batch_size, ctx.world_size, ctx.rank, args.seed, epoch)
+            flips = data.epoch_flips(len(train_x), args.seed, epoch).to(ctx.device)
             model.train()
             monitor.start_epoch(epoch, args.epochs, steps_per_epoch, done=batch_in_epoch)
             t0, first_batch = time.perf_counter(), batch_in_epoch
@@ -208,8 +193,8 @@ def train(args: argparse.Namespace, ctx: Context) -> dict[str, float]:
             while batch_in_epoch < steps_per_epoch:  # a resumed epoch skips the batches already consumed
                 idx = order[batch_in_epoch].to(ctx.device)
                 generator = data.make_generator(args.seed, epoch, batch_in_epoch, ctx.rank)
-                x, y = data.normalize(data.augment(train_x[idx], generator)), train_y[idx]
-                with torch.autocast(ctx.device.type, dtype=amp_dtype, enabled=use_amp):
+                x, y = data.normalize(data.augment(train_x[idx], generator, flips[idx])), train_y[idx]
+                with torch.autocast(ctx.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     loss = criterion(train_model(x), y)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()  # DDP all-reduces gradients here, overlapped with backward
@@ -217,6 +202,8 @@ def train(args: argparse.Namespace, ctx: Context) -> dict[str, float]:
                 scaler.update()
                 scheduler.step()
                 step, batch_in_epoch = step + 1, batch_in_epoch + 1
+                if lookahead:
+                    lookahead.step(step)
                 running += torch.stack([loss.detach().double(), torch.ones_like(running[0])])
                 monitor.advance()
                 end_of_epoch = batch_in_epoch == steps_per_epoch
@@ -241,7 +228,7 @@ def train(args: argparse.Namespace, ctx: Context) -> dict[str, float]:
             files = []
             if epoch % args.eval_every == 0 or epoch == args.epochs:
                 sync_buffers(model)
-                metrics["loss"], metrics["acc"] = evaluate(model, test_x, test_y, ctx)
+                metrics["loss"], metrics["acc"] = evaluate(model, test_x, test_y, ctx, amp_dtype)
                 if metrics["acc"] > metrics["best_acc"]:
                     metrics["best_acc"] = metrics["acc"]
                     files.append(checkpoint.BEST_NAME)

@@ -81,7 +81,8 @@ def restore_rng(state: Mapping[str, Any] | None) -> None:
             torch.cuda.set_rng_state(cuda_state.cpu(), index)
 
 
-def make_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer | None, scheduler: Any, scaler: Any, *,
+def make_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer | None, scheduler: Any, scaler: Any,
+                    lookahead: Any = None, *,
                     progress: Mapping[str, int], metrics: Mapping[str, Any], config: Mapping[str, Any] | Any,
                     world_size: int, device_type: str) -> dict:
     """Everything needed to resume, in our format. `config` may be a dict or an argparse.Namespace.
@@ -99,6 +100,7 @@ def make_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer | None, s
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "scaler": scaler.state_dict() if scaler is not None else None,
+        "lookahead": lookahead.state_dict() if lookahead is not None else None,  # the slow weights, if used
         "progress": {k: int(v) for k, v in {"epoch": 0, "step": 0, "batch_in_epoch": 0, **progress}.items()},
         "metrics": {k: _opt_float(v) for k, v in {"best_acc": 0.0, "acc": None, "loss": None, **metrics}.items()},
         "config": plain(dict(config)),
@@ -108,8 +110,8 @@ def make_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer | None, s
 
 
 def restore_checkpoint(ckpt: Mapping[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                       scheduler: Any = None, scaler: Any = None) -> None:
-    """Load model (strict), then optimizer/scheduler/scaler state; RNG is left to the caller (restore_rng)."""
+                       scheduler: Any = None, scaler: Any = None, lookahead: Any = None) -> None:
+    """Load model (strict), then optimizer/scheduler/scaler/lookahead state; RNG is left to the caller (restore_rng)."""
     fmt = ckpt.get("format") if isinstance(ckpt, Mapping) else None
     if fmt != FORMAT:
         raise CheckpointFormatError(f"cannot resume from a checkpoint of format {fmt!r} (need {FORMAT!r}); for "
@@ -131,6 +133,14 @@ def restore_checkpoint(ckpt: Mapping[str, Any], model: nn.Module, optimizer: tor
             scheduler.load_state_dict(ckpt["scheduler"])
     if scaler is not None and ckpt.get("scaler"):  # {} means saved without AMP: keep the fresh scaler
         scaler.load_state_dict(ckpt["scaler"])
+    if lookahead is not None:
+        if ckpt.get("lookahead") is None:  # saved without lookahead: the slow weights start as the loaded ones
+            lookahead.load_state_dict(lookahead.fast)
+        else:
+            try:
+                lookahead.load_state_dict(ckpt["lookahead"])
+            except (ValueError, RuntimeError) as e:
+                raise CheckpointMismatchError(f"lookahead state does not fit: {first_line(e)}") from e
 
 
 def epoch_checkpoint_name(epoch: int) -> str:

@@ -1,0 +1,87 @@
+"""The optimisation recipe: SGD with parameter groups, the LR schedule, mixed precision and lookahead."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from ddp.dist import log
+
+
+def build_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
+    """SGD with Nesterov momentum over the trained parameters; BatchNorm biases get a larger learning rate.
+
+    Frozen parameters (requires_grad False, like fastnet's BatchNorm scales) are left out.
+    """
+    bn_biases = {id(m.bias) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine}
+    trained = [p for p in model.parameters() if p.requires_grad]
+    scale = args.bn_bias_lr_scale
+    groups = [{"params": [p for p in trained if id(p) not in bn_biases]},
+              {"params": [p for p in trained if id(p) in bn_biases], "lr": args.lr * scale,
+               "weight_decay": args.weight_decay / scale}]  # lr x weight decay: the decay per step stays the same
+    return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=args.momentum > 0,
+                           weight_decay=args.weight_decay)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
+    """Per-step schedule: linear warm-up from 0.2x to the peak LR, then linear decay to zero."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return 0.2 + 0.8 * step / warmup_steps
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The --amp choice as an autocast dtype on this device, or None for float32."""
+    if amp == "auto":
+        native_bf16 = (torch.cuda.is_bf16_supported() if device.type == "cuda"
+                       else torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+        amp = "bf16" if native_bf16 else "none"
+    if amp == "fp16" and device.type != "cuda":
+        log(f"--amp fp16 needs CUDA; training in float32 on {device.type} (bf16 works on CPUs)")
+        amp = "none"
+    return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+class Lookahead:
+    """Every `every` steps, pull the weights back toward a slow copy, and set the slow copy as the weights.
+
+    airbench's schedule: the pull (decay) grows as max_decay * (step / total)^3, so early training is
+    plain SGD and late training averages away the noise of the high learning rate; at the last step the
+    weights become the slow copy. Every float tensor of the state dict takes part, BatchNorm's running
+    statistics included, so they stay consistent with the weights.
+    """
+
+    def __init__(self, model: nn.Module, total_steps: int, every: int = 5, max_decay: float = 0.95 ** 5):
+        self.fast = {k: t for k, t in model.state_dict().items() if t.is_floating_point()}  # live views
+        self.slow = {k: t.detach().clone() for k, t in self.fast.items()}
+        self.total_steps, self.every, self.max_decay = total_steps, every, max_decay
+
+    @torch.no_grad()
+    def step(self, step: int) -> None:
+        """Call after each optimizer step with the number of steps taken so far."""
+        if step == self.total_steps:
+            decay = 1.0
+        elif step % self.every == 0:
+            decay = self.max_decay * (step / self.total_steps) ** 3
+        else:
+            return
+        for name, fast in self.fast.items():
+            self.slow[name].lerp_(fast, 1 - decay)
+            fast.copy_(self.slow[name])
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.slow
+
+    @torch.no_grad()
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        if state.keys() != self.slow.keys():
+            raise ValueError(f"lookahead state has keys {sorted(state)[:3]}..., expected {sorted(self.slow)[:3]}...")
+        for name, tensor in state.items():
+            self.slow[name].copy_(tensor)
