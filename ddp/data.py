@@ -116,7 +116,7 @@ def load_split(dataset: str, data_dir: str | Path, synthetic_size: int, train: b
     return load_cifar10(data_dir, train=train)
 
 
-def make_generator(seed: int, *keys: int) -> torch.Generator:
+def make_generator(seed: int, *keys: int | str) -> torch.Generator:
     """A CPU generator seeded by a hash of (seed, *keys), so that streams never overlap."""
     digest = hashlib.sha256(repr((seed, *keys)).encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
@@ -146,17 +146,30 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last)
 
 
-def augment(images: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
-    """Random crop with zero padding and random horizontal flip of a whole uint8 batch at once.
+def epoch_flips(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """Which of the n training images to mirror in this epoch: a random half in epoch 0, then each alternates.
+
+    Alternating (from airbench) shows every image both ways in any two consecutive epochs, where coin
+    flips would repeat a view a quarter of the time.
+    """
+    return torch.rand(n, generator=make_generator(seed, "flips")).lt(0.5) ^ bool(epoch % 2)
+
+
+def augment(images: torch.Tensor, generator: torch.Generator, flip: torch.Tensor | None = None,
+            pad: int = 2) -> torch.Tensor:
+    """Random translation by up to `pad` pixels (reflection padding) and horizontal flip of a uint8 batch.
 
     Random numbers come from a CPU generator (a few per image), so CPU and GPU runs see the same
-    augmentation; the pixel work happens on the images' device.
+    augmentation; the pixel work happens on the images' device. `flip` (bool per image) overrides
+    random flips.
     """
     n, c, h, w = images.shape
     dy = torch.randint(0, 2 * pad + 1, (n, 1), generator=generator).to(images.device)
     dx = torch.randint(0, 2 * pad + 1, (n, 1), generator=generator).to(images.device)
-    flip = torch.rand(n, generator=generator).lt(0.5).to(images.device)
-    padded = F.pad(images, (pad, pad, pad, pad))
+    if flip is None:
+        flip = torch.rand(n, generator=generator).lt(0.5)
+    flip = flip.to(images.device)
+    padded = F.pad(images, (pad, pad, pad, pad), mode="reflect")
     rows = dy + torch.arange(h, device=images.device)  # n x h: the crop's rows in the padded image
     cols = torch.arange(w, device=images.device).expand(n, w)
     cols = torch.where(flip[:, None], cols.flip(1), cols) + dx  # a flip is a reversed column order

@@ -376,7 +376,8 @@ def test_cli_inspect_with_ddp_models(tmp_path, capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["prefixes"] == ["module."] and info["model"]["strict_load_ok"]
     kinds = {k["name"]: k["kind"] for k in info["keys"]}
-    assert {"parameter", "buffer"} == set(kinds.values())
+    assert {"parameter", "frozen parameter", "buffer"} == set(kinds.values())
+    assert kinds["whiten.weight"] == "frozen parameter" and kinds["layers.0.2.running_mean"] == "buffer"
     assert cli_main(["inspect", str(path), "--model", "fastnet", "--num-classes", "100"]) == 0
     text = capsys.readouterr().out
     assert "shape mismatch" in text and "strict load: would fail" in text

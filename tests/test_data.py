@@ -87,20 +87,34 @@ def test_shuffle_depends_only_on_seed_and_epoch():
                            data.shard_epoch(100, 10, 1, 0, seed=1, epoch=0))
 
 
-def test_augment_is_a_crop_of_the_padded_image_maybe_flipped():
+def test_augment_is_a_crop_of_the_reflection_padded_image_maybe_flipped():
     images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
     out = data.augment(images, data.make_generator(0, 1, 2, 3))
     assert out.shape == images.shape and out.dtype == torch.uint8
     assert torch.equal(out, data.augment(images, data.make_generator(0, 1, 2, 3)))
-    padded = torch.nn.functional.pad(images, (4, 4, 4, 4))
+    padded = torch.nn.functional.pad(images.float(), (2, 2, 2, 2), mode="reflect").to(torch.uint8)
     flips = 0
     for i in range(len(images)):
-        crops = [padded[i, :, dy:dy + 32, dx:dx + 32] for dy in range(9) for dx in range(9)]
+        crops = [padded[i, :, dy:dy + 32, dx:dx + 32] for dy in range(5) for dx in range(5)]
         plain = any(torch.equal(out[i], c) for c in crops)
         flipped = any(torch.equal(out[i], c.flip(2)) for c in crops)
         assert plain or flipped
         flips += flipped and not plain
     assert 10 < flips < 54  # about half are flipped
+
+
+def test_given_flips_override_random_ones():
+    images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
+    flip = torch.arange(16) % 2 == 0
+    out = data.augment(images, data.make_generator(0), flip, pad=0)
+    assert torch.equal(out, torch.where(flip[:, None, None, None], images.flip(3), images))
+
+
+def test_epoch_flips_alternate_each_image_from_a_random_half():
+    first, second, third = (data.epoch_flips(1000, seed=0, epoch=e) for e in range(3))
+    assert 400 < int(first.sum()) < 600
+    assert torch.equal(second, ~first) and torch.equal(third, first)
+    assert not torch.equal(first, data.epoch_flips(1000, seed=1, epoch=0))
 
 
 def test_normalize_gives_float_channels_last_with_cifar_statistics():

@@ -27,7 +27,7 @@ from ddp.dist import Context
 from ddp.train import PREEMPTED_EXIT_CODE, find_resume_checkpoint
 
 # 896 images / 128 per step = 7 steps per epoch, so a stop check every 10 steps lands mid-epoch.
-FLAGS = ["--dataset", "synthetic", "--synthetic-size", "896", "--batch-size", "128", "--epochs", "6",
+FLAGS = ["--model", "fastnet_small", "--dataset", "synthetic", "--synthetic-size", "896", "--batch-size", "128", "--epochs", "6",
          "--log-every", "7", "--keep", "0"]
 TORCHRUN = ["torchrun", "--standalone", "--nproc_per_node=2", "-m", "ddp.train", *FLAGS]
 

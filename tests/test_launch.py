@@ -23,7 +23,7 @@ import torch
 import slurm_cluster
 from conftest import REPO
 
-TRAIN = ["--dataset", "synthetic", "--synthetic-size", "896", "--batch-size", "128"]  # 7 steps per epoch
+TRAIN = ["--model", "fastnet_small", "--dataset", "synthetic", "--synthetic-size", "896", "--batch-size", "128"]  # 7 steps per epoch
 ON_CI = os.environ.get("CI") == "true"
 
 

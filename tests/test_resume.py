@@ -16,7 +16,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from conftest import REPO, retag_storages, run_module
 from ddp import checkpoint, models
 
-SMALL = ["--dataset", "synthetic", "--synthetic-size", "1024", "--batch-size", "128", "--log-every", "4"]
+SMALL = ["--model", "fastnet_small", "--dataset", "synthetic", "--synthetic-size", "1024", "--batch-size", "128", "--log-every", "4"]
 
 
 @pytest.fixture(scope="module")
@@ -36,9 +36,10 @@ def test_checkpoint_files_and_contents(trained):
     assert ckpt["format"] == checkpoint.FORMAT
     assert ckpt["progress"] == {"epoch": 2, "step": 16, "batch_in_epoch": 0}
     assert ckpt["env"]["world_size"] == 2 and ckpt["env"]["device"] == "cpu"
-    assert ckpt["config"]["model"] == "fastnet" and ckpt["config"]["batch_size"] == 128
+    assert ckpt["config"]["model"] == "fastnet_small" and ckpt["config"]["batch_size"] == 128
     assert ckpt["scheduler"]["last_epoch"] == 16
-    assert len(ckpt["optimizer"]["state"]) == len(list(models.build("fastnet").parameters()))  # momentum
+    trained_params = [p for p in models.build("fastnet_small").parameters() if p.requires_grad]
+    assert len(ckpt["optimizer"]["state"]) == len(trained_params)  # a momentum buffer each
     assert set(ckpt["rng"]) >= {"python", "numpy", "torch", "cuda"}
     assert 0 < ckpt["metrics"]["acc"] <= ckpt["metrics"]["best_acc"] <= 1
 
@@ -46,10 +47,10 @@ def test_checkpoint_files_and_contents(trained):
 def test_saved_keys_are_the_bare_models_and_reload_without_ddp_or_with_compile(trained):
     path = trained / "checkpoints" / "latest.pt"
     saved = checkpoint.load_model_state(path)
-    bare = models.build("fastnet")
+    bare = models.build("fastnet_small")
     assert list(saved) == list(bare.state_dict())  # canonical: no module. / _orig_mod.
     assert checkpoint.load_into(bare, path).ok
-    compiled = torch.compile(models.build("fastnet"))  # keys of a compiled model carry _orig_mod.
+    compiled = torch.compile(models.build("fastnet_small"))  # keys of a compiled model carry _orig_mod.
     assert all(k.startswith("_orig_mod.") for k in compiled.state_dict())
     assert checkpoint.load_into(compiled, path).ok
     for model in (bare, checkpoint.unwrap_model(compiled)):
@@ -120,7 +121,7 @@ def test_init_from_foreign_layout_with_remap_reports_and_skips(trained, tmp_path
     assert "--init-from foreign.pt: 38 keys match; 1 shape mismatch" in result.stdout
     assert "head.weight 7x128 in checkpoint vs 10x128 in model" in result.stdout
     tuned = checkpoint.load_model_state(tmp_path / "ft" / "epoch_0001.pt")
-    assert list(tuned) == list(models.build("fastnet").state_dict())
+    assert list(tuned) == list(models.build("fastnet_small").state_dict())
 
 
 def test_torchvision_imagenet_resnet18_into_cifar_resnet18(tmp_path):

@@ -12,7 +12,7 @@ from ddp import models
 
 
 def test_two_process_torchrun_run_learns_and_logs_to_tensorboard(tmp_path):
-    result = run_module(["torchrun", "--standalone", "--nproc_per_node=2", "-m", "ddp.train",
+    result = run_module(["torchrun", "--standalone", "--nproc_per_node=2", "-m", "ddp.train", "--model", "fastnet_small",
                          "--dataset", "synthetic", "--synthetic-size", "1024", "--batch-size", "128",
                          "--epochs", "3", "--log-every", "4", "--run-name", "smoke",
                          "--logdir", "runs", "--checkpoint-dir", "ckpt"], cwd=tmp_path)
@@ -39,9 +39,10 @@ def test_two_process_torchrun_run_learns_and_logs_to_tensorboard(tmp_path):
 
 
 def test_compiled_ddp_model_trains_and_saves_canonical_keys(tmp_path):
-    result = run_module(["ddp.train", "--dataset", "synthetic", "--synthetic-size", "512", "--batch-size", "128",
+    result = run_module(["ddp.train", "--model", "fastnet_small", "--dataset", "synthetic", "--synthetic-size", "512",
+                         "--batch-size", "128",
                          "--epochs", "2", "--compile"], cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     assert "epoch 2/2" in result.stdout
     saved = torch.load(tmp_path / "checkpoints" / "latest.pt", weights_only=True)["model"]
-    assert list(saved) == list(models.build("fastnet").state_dict())  # no module. / _orig_mod.
+    assert list(saved) == list(models.build("fastnet_small").state_dict())  # no module. / _orig_mod.

@@ -117,7 +117,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         model = models.build(args.model, num_classes)
         params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
         for key in info["keys"]:
-            key["kind"] = "parameter" if key["name"] in params else "buffer" if key["name"] in buffers else "not in model"
+            param = params.get(key["name"])
+            key["kind"] = ("buffer" if key["name"] in buffers else "not in model" if param is None
+                           else "parameter" if param.requires_grad else "frozen parameter")  # not trained
         diff = diff_state(model.state_dict(), state)
         info["model"] = {"name": args.model, "num_classes": num_classes, "strict_load_ok": diff.ok,
                          "missing": diff.missing, "unexpected": diff.unexpected,
