@@ -10,7 +10,7 @@ first evict the file from the page cache (posix_fadvise DONTNEED; the pages are 
 builds the state dict and writes latest.pt, the epoch file and (when accuracy improved) best.pt from one
 serialisation.
 
-    python -m benchmarks.checkpoint_io                      # fastnet and resnet18, 10 repetitions
+    python -m benchmarks.checkpoint_io                      # fastnet_small and resnet18, 10 repetitions
     python -m benchmarks.checkpoint_io --quick              # 2 repetitions
 """
 
@@ -26,7 +26,7 @@ import torch
 
 from benchmarks.common import OUT, Row, fmt_seconds, interleave, median, report, train_step, training_parts
 from ddp import checkpoint, config, data
-from ddp.train import build_scheduler
+from ddp.optim import build_scheduler
 
 
 def training_state(model_name: str) -> Callable[[], dict]:
@@ -119,7 +119,7 @@ def file_system(path: Path) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", nargs="+", default=["fastnet", "resnet18"])
+    p.add_argument("--models", nargs="+", default=["fastnet_small", "resnet18"])
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--dir", default=os.path.join(OUT, "checkpoint_io"), help="where to write (the disk measured)")
     p.add_argument("--quick", action="store_true", help="2 repetitions")

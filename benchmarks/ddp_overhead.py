@@ -5,7 +5,7 @@ store), so that one code path serves every topology. This measures what that cos
 batches go through a DDP-wrapped model and an identical bare one, steps alternating, and the
 medians of the per-step times are compared.
 
-    python -m benchmarks.ddp_overhead                    # fastnet, batch 256, 60 steps each, 1 thread
+    python -m benchmarks.ddp_overhead                    # fastnet_small, batch 256, 60 steps each, 1 thread
     python -m benchmarks.ddp_overhead --quick            # 20 steps each
 """
 
@@ -35,7 +35,7 @@ from ddp.dist import process_group
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="fastnet")
+    p.add_argument("--model", default="fastnet_small")
     p.add_argument("--batch-size", type=int, default=256, help="the per-process batch of the default 2-process run")
     p.add_argument("--steps", type=int, default=60, help="timed steps of each")
     p.add_argument("--threads", type=int, default=1, help="torch threads (the trainer: 1 per process)")

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from benchmarks.common import (
+    FLOAT32_SMALL,
     OUT,
     Row,
     fmt_seconds,
@@ -65,7 +66,7 @@ def worker(model_name: str, batch_size: int, steps: int) -> None:
 def trainer_ips(nproc: int, size: int) -> float:
     """img/s of the last epoch of a 2-epoch synthetic run of the trainer with `nproc` processes x 1 thread."""
     scratch = os.path.join(OUT, "scaling")
-    out = torchrun(nproc, "ddp.train", ["--dataset", "synthetic", "--synthetic-size", str(size), "--epochs", "2",
+    out = torchrun(nproc, "ddp.train", [*FLOAT32_SMALL, "--dataset", "synthetic", "--synthetic-size", str(size), "--epochs", "2",
                                         "--eval-every", "2", "--resume", "none", "--checkpoint-dir", scratch,
                                         "--logdir", scratch], threads=1)
     return float(re.findall(r"\| (\d+) img/s \|", out)[-1])
@@ -73,7 +74,7 @@ def trainer_ips(nproc: int, size: int) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="fastnet")
+    p.add_argument("--model", default="fastnet_small")
     p.add_argument("--size", type=int, default=10240, help="synthetic training images per epoch (20 steps of 512)")
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--steps", type=int, default=20, help="DDP and no_sync steps each in the all-reduce worker")

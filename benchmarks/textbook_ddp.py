@@ -27,7 +27,7 @@ def main() -> None:
     p.add_argument("--data-dir", default="../shared/data")
     p.add_argument("--dataset", default="cifar10", choices=["cifar10", "synthetic"])
     p.add_argument("--synthetic-size", type=int, default=4096)
-    p.add_argument("--model", default="fastnet")
+    p.add_argument("--model", default="fastnet_small")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=512, help="global batch, split across the processes")
     p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes per training process")

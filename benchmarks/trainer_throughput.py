@@ -15,7 +15,7 @@ import argparse
 import os
 import re
 
-from benchmarks.common import OUT, Row, median, report, torchrun
+from benchmarks.common import FLOAT32_SMALL, OUT, Row, median, report, torchrun
 
 
 def images_per_sec(stdout: str) -> float:
@@ -36,7 +36,7 @@ def main() -> None:
     if args.quick:
         source, args.reps = ["--dataset", "synthetic", "--synthetic-size", "12800"], 1
     scratch = os.path.join(OUT, "trainer_throughput")
-    ours_args = [*source, "--epochs", "1", "--resume", "none", "--checkpoint-dir", scratch, "--logdir", scratch]
+    ours_args = [*FLOAT32_SMALL, *source, "--epochs", "1", "--resume", "none", "--checkpoint-dir", scratch, "--logdir", scratch]
     textbook_args = [*source, "--epochs", "1", "--workers", str(args.workers)]
     ips: dict[str, list[float]] = {"ours": [], "textbook": []}
     for rep in range(args.reps):
@@ -46,14 +46,14 @@ def main() -> None:
               flush=True)
     ours, textbook = median(ips["ours"]), median(ips["textbook"])
     report("Trainer throughput", [
-        Row(f"train images/s, {args.nproc} processes, fastnet, batch 512", f"{ours:,.0f} img/s",
+        Row(f"train images/s, {args.nproc} processes, fastnet_small, batch 512, float32", f"{ours:,.0f} img/s",
             f"{textbook:,.0f} img/s", ours / textbook, ">= 1.5x", ours / textbook >= 1.5),
     ], [
         f"{args.reps} repetitions of one epoch each, alternating; medians. Per repetition: "
         + ", ".join(f"{a:.0f}/{b:.0f}" for a, b in zip(ips["ours"], ips["textbook"])) + " (ours/textbook img/s).",
         f"ours: python -m ddp.train {' '.join(ours_args)} (torchrun, {args.nproc} processes, 1 thread each).",
         (f"textbook: python -m benchmarks.textbook_ddp {' '.join(textbook_args)}: DistributedSampler + DataLoader("
-         f"num_workers={args.workers}) + torchvision transforms, DDP(fastnet), SGD; its {args.nproc * args.workers} "
+         f"num_workers={args.workers}) + torchvision transforms, DDP(fastnet_small), SGD; its {args.nproc * args.workers} "
          f"workers share the {os.cpu_count()} cores with the {args.nproc} training processes."),
     ])
 

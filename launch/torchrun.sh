@@ -2,7 +2,7 @@
 # Train on this machine: NPROC processes under torchrun, standalone rendezvous (a free local port).
 #
 #   launch/torchrun.sh [flags of python -m ddp.train]
-#   NPROC=4 launch/torchrun.sh --epochs 30 --amp
+#   NPROC=4 launch/torchrun.sh --epochs 30
 #
 # Run it from anywhere: the repository is put on PYTHONPATH, and relative paths (--data-dir,
 # --checkpoint-dir, --logdir) are taken from the current directory, as with python -m ddp.train.
