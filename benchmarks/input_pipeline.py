@@ -1,7 +1,7 @@
 """Input pipeline: augmented training images per second, our batched tensor loader vs the textbook DataLoader.
 
 Both produce the same thing from the same uint8 CIFAR-10 arrays: shuffled batches, random crop with
-zero padding 4, random horizontal flip, normalised float tensors. One repetition is one pass over the
+reflection padding 2, horizontal flips of half the images, normalised float tensors. One repetition is one pass over the
 images (a fresh DataLoader iterator, as in a training epoch); ours and the textbook alternate.
 
     python -m benchmarks.input_pipeline                 # real CIFAR-10 from ../shared/data, 3 passes each
@@ -23,8 +23,9 @@ def ours_epoch(images: torch.Tensor, labels: torch.Tensor, batch_size: int, epoc
     """One epoch of the trainer's input path (shuffle, gather, augment, normalise) in this process."""
     torch.set_num_threads(threads)
     order = data.shard_epoch(len(images), batch_size, 1, 0, seed=0, epoch=epoch)
+    flips = data.epoch_flips(len(images), seed=0, epoch=epoch)
     for step, idx in enumerate(order):
-        x = data.normalize(data.augment(images[idx], data.make_generator(0, epoch, step, 0)))
+        x = data.normalize(data.augment(images[idx], data.make_generator(0, epoch, step, 0), flips[idx]))
         y = labels[idx]
     assert x.shape == (batch_size, 3, 32, 32) and y.shape == (batch_size,)
 
@@ -70,10 +71,10 @@ def main() -> None:
     ]
     report("Input pipeline", rows, [
         f"{args.images} images per pass, batch {args.batch_size}, {args.reps} passes each, interleaved; medians.",
-        ("textbook: torchvision CIFAR10 + RandomCrop(32, padding=4) + RandomHorizontalFlip + ToTensor + Normalize, "
+        ("textbook: torchvision CIFAR10 + RandomCrop(32, padding=2, padding_mode=\"reflect\") + RandomHorizontalFlip + ToTensor + Normalize, "
          f"DataLoader(num_workers={args.workers}, shuffle, drop_last), a fresh iterator per pass (worker start-up "
          "included, as in every epoch of a training loop); each worker uses one core."),
-        ("ours: ddp.data.shard_epoch + augment + normalize in the calling process, torch.set_num_threads(1 or 2); "
+        ("ours: ddp.data.shard_epoch + epoch_flips + augment + normalize in the calling process, torch.set_num_threads(1 or 2); "
          "the trainer runs it with 1 thread per process."),
     ])
 

@@ -146,7 +146,8 @@ def train(args: argparse.Namespace, ctx: Context) -> dict[str, float]:
     train_model = torch.compile(ddp_model) if args.compile else ddp_model
 
     log(f"world {ctx.world_size} x {ctx.device.type} ({ctx.backend}) | {args.model}: "
-        f"{sum(p.numel() for p in model.parameters()):,} parameters | {args.dataset}: "
+        f"{sum(p.numel() for p in model.parameters()):,} parameters "
+        f"({sum(p.numel() for p in model.parameters() if p.requires_grad):,} trained) | {args.dataset}: "
         f"{len(train_x)} train / {len(test_x)} test images | batch {args.batch_size} global = "
         f"{ctx.world_size} x {per_rank_batch} | {steps_per_epoch} steps/epoch | "
         f"{'float32' if amp_dtype is None else str(amp_dtype).removeprefix('torch.') + ' autocast'}")

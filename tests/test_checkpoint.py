@@ -50,6 +50,7 @@ from ddp.checkpoint import (
     unwrap_model,
 )
 from ddp.checkpoint.__main__ import main as cli_main
+from ddp.optim import Lookahead
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -345,7 +346,8 @@ def test_newest_valid_skips_corrupt(tmp_path):
 def ours(tmp_path) -> Path:
     model = tiny_model()
     optimizer, scheduler, scaler = make_training(model)
-    ckpt = make_checkpoint(model, optimizer, scheduler, scaler, progress={"epoch": 4, "step": 40},
+    ckpt = make_checkpoint(model, optimizer, scheduler, scaler, Lookahead(model, 100),
+                           progress={"epoch": 4, "step": 40},
                            metrics={"best_acc": 0.75, "acc": 0.7, "loss": 0.9},
                            config={"model": "tiny", "num_classes": 10}, world_size=2, device_type="cuda")
     save_checkpoint(ckpt, tmp_path / "ours.pt")
@@ -364,6 +366,7 @@ def test_cli_inspect_text_and_json(ours, capsys):
     assert info["env"]["device"] == "cuda" and info["file_size"] == ours.stat().st_size
     assert info["numel"] == sum(t.numel() for t in tiny_model().state_dict().values())
     assert {"name": "3.bias", "shape": [10], "dtype": "float32"} in info["keys"]
+    assert info["has"] == {"optimizer": True, "scheduler": True, "scaler": True, "lookahead": True}
 
 
 def test_cli_inspect_with_ddp_models(tmp_path, capsys):
@@ -402,6 +405,14 @@ def test_cli_export(ours, tmp_path):
         meta = f.metadata()
     assert meta["format"] == WEIGHTS_FORMAT and meta["model_name"] == "tiny" and len(json.loads(meta["mean"])) == 3
     assert leftover_temp_files(tmp_path) == []
+
+
+def test_cli_convert_of_our_checkpoint_keeps_the_training_state(ours, tmp_path, capsys):
+    assert cli_main(["convert", str(ours), str(tmp_path / "again.pt")]) == 0
+    assert "optimizer, scheduler, scaler, lookahead; epoch 4" in capsys.readouterr().out
+    before, after = load_checkpoint(ours, "cpu"), load_checkpoint(tmp_path / "again.pt", "cpu")
+    assert_same_state(after["lookahead"], before["lookahead"])
+    assert after["progress"] == before["progress"] and after["rng"]["torch"].equal(before["rng"]["torch"])
 
 
 def test_cli_convert(tmp_path, capsys):

@@ -63,10 +63,13 @@ def _first(obj: Mapping, keys: tuple[str, ...], accept) -> Any:
     return next((obj[k] for k in keys if k in obj and accept(obj[k]) is not None), None)
 
 
+TRAINING_PARTS = ("optimizer", "scheduler", "scaler", "lookahead")  # the resumable state besides the weights
+
+
 def _training_state(obj: Any) -> dict[str, Any]:
-    """Optimizer/scheduler/scaler state and progress/metrics from our format, or guessed from a foreign dict."""
+    """Optimizer/scheduler/scaler/lookahead state and progress/metrics from our format, or guessed from a foreign dict."""
     if isinstance(obj, Mapping) and obj.get("format") == FORMAT:
-        return {k: obj.get(k) for k in ("optimizer", "scheduler", "scaler", "progress", "metrics", "config", "env")}
+        return {k: obj.get(k) for k in (*TRAINING_PARTS, "progress", "metrics", "config", "env")}
     obj = obj if isinstance(obj, Mapping) else {}
 
     def state_dict(value: Any) -> Any:
@@ -80,6 +83,7 @@ def _training_state(obj: Any) -> dict[str, Any]:
     return {"optimizer": optimizer,
             "scheduler": _first(obj, ("scheduler", "lr_scheduler", "scheduler_state_dict"), state_dict),
             "scaler": _first(obj, ("scaler", "grad_scaler", "scaler_state_dict"), state_dict),
+            "lookahead": None,
             "progress": {"epoch": int(_num(epoch) or 0), "step": int(_num(step) or 0), "batch_in_epoch": 0},
             "metrics": {"best_acc": _num(best) or 0.0, "acc": _num(_first(obj, ("acc", "acc1", "accuracy"), _num)),
                         "loss": _num(_first(obj, ("loss", "val_loss"), _num))},
@@ -103,7 +107,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         "path": str(path), "file_size": path.stat().st_size, "layout": layout,
         "format": obj.get("format") if isinstance(obj, Mapping) else None,
         "progress": train["progress"], "metrics": train["metrics"], "env": train["env"], "config": config,
-        "has": {k: bool(train[k]) for k in ("optimizer", "scheduler", "scaler")},
+        "has": {k: bool(train[k]) for k in TRAINING_PARTS},
         "num_tensors": len(state), "numel": sum(t.numel() for t in state.values()),
         "prefixes": detect_prefixes(raw),
         "keys": [{"name": k, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
@@ -192,7 +196,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         config["num_classes"] = args.num_classes
     ours = isinstance(obj, Mapping) and obj.get("format") == FORMAT
     ckpt = {"format": FORMAT, "model": state,
-            **{k: train[k] for k in ("optimizer", "scheduler", "scaler", "progress", "metrics")},
+            **{k: train[k] for k in (*TRAINING_PARTS, "progress", "metrics")},
             "config": plain(config),
             "env": train["env"] or {"world_size": 1, "device": "cpu", "torch": str(torch.__version__)},
             "rng": obj.get("rng") if ours else None}  # a foreign file's RNG state can't be mapped to ours
@@ -202,7 +206,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     except CheckpointError:
         Path(args.out).unlink(missing_ok=True)
         raise
-    extras = ", ".join(k for k in ("optimizer", "scheduler", "scaler") if ckpt[k]) or "no optimizer state"
+    extras = ", ".join(k for k in TRAINING_PARTS if ckpt[k]) or "no optimizer state"
     print(f"wrote {args.out}: {len(state)} tensors from {layout}; {extras}; epoch {ckpt['progress']['epoch']}")
     return 0
 
