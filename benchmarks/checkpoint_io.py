@@ -26,7 +26,7 @@ import torch
 
 from benchmarks.common import OUT, Row, fmt_seconds, interleave, median, report, train_step, training_parts
 from ddp import checkpoint, config, data
-from ddp.optim import build_scheduler
+from ddp.optim import Lookahead, build_scheduler
 
 
 def training_state(model_name: str) -> Callable[[], dict]:
@@ -37,8 +37,9 @@ def training_state(model_name: str) -> Callable[[], dict]:
     scheduler.step()
     flags = {**config.to_dict(config.parse_args(["--model", model_name])), "num_classes": data.NUM_CLASSES}
     scaler = torch.amp.GradScaler("cpu", enabled=False)
+    lookahead = Lookahead(model, 970)  # its slow copy of the weights is part of the state, as in the trainer
     return lambda: checkpoint.make_checkpoint(
-        model, optimizer, scheduler, scaler, progress={"epoch": 1, "step": 97},
+        model, optimizer, scheduler, scaler, lookahead, progress={"epoch": 1, "step": 97},
         metrics={"best_acc": 0.5, "acc": 0.5, "loss": 1.0}, config=flags, world_size=2, device_type="cpu")
 
 
