@@ -9,6 +9,7 @@ from typing import Any
 
 from ddp.checkpoint import parse_remap
 from ddp.models import MODELS
+from ddp.optim import AMP_CHOICES
 
 CIFAR10_TRAIN_SIZE = 50_000
 
@@ -52,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lookahead", action=argparse.BooleanOptionalAction, default=True,
                        help="every 5 steps, pull the weights toward a slow average of them (airbench's schedule)")
     train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--amp", nargs="?", const="bf16", default="auto", choices=["auto", "none", "bf16", "fp16"],
+    train.add_argument("--amp", nargs="?", const="bf16", default="auto", choices=AMP_CHOICES,
                        help="mixed precision. auto: bf16 where the hardware computes it natively (CUDA with "
                        "bf16, CPUs with AVX512-BF16 or AMX), else none. --amp alone means bf16; fp16 is "
                        "CUDA only and adds a GradScaler")

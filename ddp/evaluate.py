@@ -16,22 +16,24 @@ from torch import nn
 from ddp import checkpoint, data, models
 from ddp.config import OneLineParser
 from ddp.dist import Context, all_reduce_sum, log, process_group
-from ddp.optim import autocast_dtype
+from ddp.optim import AMP_CHOICES, autocast, autocast_dtype
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, ctx: Context,
-             amp_dtype: torch.dtype | None = None, flip_tta: bool = True, batch_size: int = 1000) -> tuple[float, float]:
+             amp_dtype: torch.dtype | None = None, flip_tta: bool = True,
+             batch_size: int = 1000) -> tuple[float, float]:
     """(loss, accuracy) over the whole set; rank r scores images r, r+N, ..., so each counts once.
 
-    The forward passes run under autocast to amp_dtype if given. With flip_tta, the logits are averaged over each image and its mirror image (test-time augmentation).
+    Forward passes run under autocast to amp_dtype (None: float32). With flip_tta the logits are the
+    average over each image and its mirror image (test-time augmentation).
     """
     model.eval()
     mine = torch.arange(ctx.rank, len(images), ctx.world_size, device=images.device)
     loss_sum, correct = 0.0, 0.0
     for idx in mine.split(batch_size):
         x = data.normalize(images[idx])
-        with torch.autocast(ctx.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        with autocast(ctx.device, amp_dtype):
             logits = model(x).float()
             if flip_tta:
                 logits = (logits + model(x.flip(3)).float()) / 2
@@ -51,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data-dir", default="data")
     p.add_argument("--dataset", default="cifar10", choices=["cifar10", "synthetic"])
     p.add_argument("--synthetic-size", type=int, default=4096, help="as given to ddp.train")
-    p.add_argument("--amp", default="auto", choices=["auto", "none", "bf16", "fp16"],
+    p.add_argument("--amp", default="auto", choices=AMP_CHOICES,
                    help="mixed precision, as for ddp.train (the same flag gives the trainer's accuracy)")
     p.add_argument("--flip-tta", action=argparse.BooleanOptionalAction, default=True,
                    help="average the logits of each image and its mirror image, as the trainer does")
@@ -73,7 +75,8 @@ def main(argv: list[str] | None = None) -> None:
         loss, acc = evaluate(model, images.to(ctx.device), labels.to(ctx.device), ctx,
                              amp_dtype=autocast_dtype(args.amp, ctx.device), flip_tta=args.flip_tta)
         log(f"{args.checkpoint}: {name} on {len(images)} {args.dataset} test images | loss {loss:.4f} | "
-            f"accuracy {100 * acc:.2f}%{' with flip TTA' if args.flip_tta else ''} | {ctx.world_size} x {ctx.device.type}")
+            f"accuracy {100 * acc:.2f}%{' with flip TTA' if args.flip_tta else ''} | "
+            f"{ctx.world_size} x {ctx.device.type}")
 
 
 if __name__ == "__main__":

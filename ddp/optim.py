@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 from collections.abc import Mapping
 
 import torch
@@ -37,6 +38,9 @@ def build_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, total_s
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+AMP_CHOICES = ["auto", "none", "bf16", "fp16"]  # --amp of ddp.train and ddp.evaluate
+
+
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     """The --amp choice as an autocast dtype on this device, or None for float32."""
     if amp == "auto":
@@ -47,6 +51,11 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
         log(f"--amp fp16 needs CUDA; training in float32 on {device.type} (bf16 works on CPUs)")
         amp = "none"
     return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """Autocast to `dtype` on this device; no-op for None (float32)."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
 class Lookahead:
@@ -75,6 +84,12 @@ class Lookahead:
         for name, fast in self.fast.items():
             self.slow[name].lerp_(fast, 1 - decay)
             fast.copy_(self.slow[name])
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """Make the slow copy equal to the current weights (e.g. after loading weights saved without it)."""
+        for name, fast in self.fast.items():
+            self.slow[name].copy_(fast)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.slow

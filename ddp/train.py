@@ -34,7 +34,7 @@ from ddp.dist import (
 )
 from ddp.evaluate import evaluate
 from ddp.monitor import Monitor
-from ddp.optim import Lookahead, autocast_dtype, build_optimizer, build_scheduler
+from ddp.optim import Lookahead, autocast, autocast_dtype, build_optimizer, build_scheduler
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by a signal after saving; run again to continue
 STOP_CHECK_EVERY = 10  # steps between checks for a stop signal: each check is a (tiny) collective
@@ -195,7 +195,7 @@ def train(args: argparse.Namespace, ctx: Context) -> dict[str, float]:
                 idx = order[batch_in_epoch].to(ctx.device)
                 generator = data.make_generator(args.seed, epoch, batch_in_epoch, ctx.rank)
                 x, y = data.normalize(data.augment(train_x[idx], generator, flips[idx])), train_y[idx]
-                with torch.autocast(ctx.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                with autocast(ctx.device, amp_dtype):
                     loss = criterion(train_model(x), y)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()  # DDP all-reduces gradients here, overlapped with backward

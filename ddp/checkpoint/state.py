@@ -135,7 +135,7 @@ def restore_checkpoint(ckpt: Mapping[str, Any], model: nn.Module, optimizer: tor
         scaler.load_state_dict(ckpt["scaler"])
     if lookahead is not None:
         if ckpt.get("lookahead") is None:  # saved without lookahead: the slow weights start as the loaded ones
-            lookahead.load_state_dict(lookahead.fast)
+            lookahead.reset()
         else:
             try:
                 lookahead.load_state_dict(ckpt["lookahead"])
