@@ -87,9 +87,19 @@ def build_parser() -> argparse.ArgumentParser:
                       "(for time-sliced jobs; run again to continue)")
     ckpt.add_argument("--keep", type=int, default=3, help="epoch files to keep (0: keep all)")
     ckpt.add_argument("--init-from", default=None, metavar="PATH",
-                      help="start from these weights only (any common layout), non-strict, with a report")
+                      help="start from these weights only, non-strict, with a report: any file or directory "
+                      "`python -m ddp.checkpoint inspect` reads (ours, torch, Lightning, timm, safetensors, "
+                      "sharded, DCP); a single leading key prefix that stops the keys fitting is aligned")
     ckpt.add_argument("--remap", action="append", default=[], metavar="OLD=NEW",
                       help="with --init-from: rename a leading key prefix (repeatable), e.g. backbone.=")
+    ckpt.add_argument("--checkpoint-key", default=None, metavar="NAME",
+                      help="with --init-from: the weight set to take from a file that holds several, e.g. "
+                      "state_dict_ema (timm) or student (default: the first of model, state_dict, "
+                      "model_state_dict, net, module, network, teacher, student, model_ema, state_dict_ema, ema)")
+    ckpt.add_argument("--min-match", type=float, default=0.5, metavar="FRACTION",
+                      help="with --init-from: refuse when the keys that fit cover less than this fraction of "
+                      "the model's parameters (by number of values), instead of training mostly from scratch; "
+                      "0 accepts any partial load")
     run.add_argument("--logdir", default="runs", help="TensorBoard root directory")
     run.add_argument("--run-name", default="{model}-{dataset}-seed{seed}",
                      help="TensorBoard run name, a template over the flags; stable across resumes")
@@ -124,15 +134,17 @@ def validate(args: argparse.Namespace, world_size: int) -> str | None:
     if args.keep < 0:
         return f"--keep must be 0 (keep all) or more, got {args.keep}"
     for flag, path in [("--resume", args.resume), ("--init-from", args.init_from)]:
-        if path not in (None, "auto", "latest", "none") and not Path(path).is_file():
-            return f"{flag} {path}: no such file; give a checkpoint file, or --resume auto/latest/none"
+        if path not in (None, "auto", "latest", "none") and not Path(path).exists():
+            return f"{flag} {path}: no such file or directory; give a checkpoint, or --resume auto/latest/none"
     for rule in args.remap:
         try:
             parse_remap(rule)
         except ValueError as e:
             return str(e)
-    if args.remap and not args.init_from:
-        return "--remap renames the keys of --init-from weights; give --init-from PATH too"
+    if (args.remap or args.checkpoint_key) and not args.init_from:
+        return "--remap and --checkpoint-key apply to --init-from weights; give --init-from PATH too"
+    if not 0 <= args.min_match <= 1:
+        return f"--min-match must lie in [0, 1], got {args.min_match}"
     if args.backend == "nccl" and args.device == "cpu":
         return "--backend nccl needs CUDA; use --backend gloo (or auto) with --device cpu"
     return None

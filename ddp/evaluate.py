@@ -46,9 +46,12 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, ctx: 
 def main(argv: list[str] | None = None) -> None:
     p = OneLineParser(prog="python -m ddp.evaluate", description=__doc__.split("\n")[0],
                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="a checkpoint, an export (.pt or .safetensors), "
-                   "or a state dict in a common layout")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint, an export (.pt or .safetensors), or any "
+                   "file or directory `python -m ddp.checkpoint inspect` reads")
     p.add_argument("--model", default=None, help="model name, when the file does not record it")
+    p.add_argument("--num-classes", type=int, default=None, help="when the file does not record it (default 10)")
+    p.add_argument("--checkpoint-key", default=None, metavar="NAME",
+                   help="the weight set to evaluate, in a file that holds several (e.g. state_dict_ema)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--data-dir", default="data")
     p.add_argument("--dataset", default="cifar10", choices=["cifar10", "synthetic"])
@@ -61,13 +64,18 @@ def main(argv: list[str] | None = None) -> None:
     with process_group(args.device) as ctx:
         try:
             # Every rank reads the file itself, straight onto its own device.
-            state, meta = checkpoint.load_weights(args.checkpoint, map_location=ctx.device)
-            name = args.model or meta.get("model_name")
+            weights = checkpoint.load_weights(args.checkpoint, map_location=ctx.device,
+                                              checkpoint_key=args.checkpoint_key)
+            name = args.model or weights.info.get("model_name")
             if name is None:
                 raise checkpoint.CheckpointFormatError(
                     f"{args.checkpoint} does not record its model; pass --model ({', '.join(models.MODELS)})")
-            model = models.build(name, meta.get("num_classes", 10)).to(ctx.device, memory_format=torch.channels_last)
-            checkpoint.load_state_into(model, state, strict=True)
+            model = models.build(name, args.num_classes or weights.info.get("num_classes", 10))
+            model = model.to(ctx.device, memory_format=torch.channels_last)
+            diff = checkpoint.load_state_into(model, weights.state, strict=True)
+            for note in [weights.note, *diff.notes]:
+                if note:
+                    log(note)
             images, labels = data.load_split(args.dataset, args.data_dir, args.synthetic_size, train=False)
         except (checkpoint.CheckpointError, data.DataError, FileNotFoundError, ValueError) as e:
             log(f"error: {e}", every_rank=True)

@@ -14,7 +14,7 @@ from ddp.dist import log, process_group
 
 path = sys.argv[1]
 with process_group("cpu") as ctx:
-    _, about = checkpoint.load_weights(path)  # our checkpoints record their model
+    about = checkpoint.load_weights(path).info  # our checkpoints record their model
     ddp_model = DDP(models.build(about["model_name"]))
     diff = checkpoint.load_into(ddp_model, path)  # DDP's own keys carry module.: the loader copes
     saved = checkpoint.load_model_state(path)

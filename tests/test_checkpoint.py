@@ -37,6 +37,7 @@ from ddp.checkpoint import (
     load_checkpoint,
     load_into,
     load_model_state,
+    load_weights,
     load_state_into,
     make_checkpoint,
     newest_valid_checkpoint,
@@ -175,12 +176,14 @@ def test_corrupt_files(tmp_path, kind):
         load_checkpoint(path, "cpu")
 
 
-def test_whole_pickled_model_needs_trust(tmp_path):
+def test_whole_pickled_model_loads_inertly(tmp_path):
     model = tiny_model()
     path = tmp_path / "whole.pt"
-    torch.save(model, path)
-    with pytest.raises(UntrustedPickleError, match=r"whole model.*arbitrary code.*convert .*whole.pt .*--trust-pickle"):
-        load_model_state(path)
+    torch.save(model, path)  # the classes are importable here, yet none is imported without trust_pickle
+    weights = load_weights(path)
+    assert weights.layout == "pickled nn.Module (read inertly)"
+    assert "torch.nn.modules.conv.Conv2d" in weights.stand_ins
+    assert_same_state(weights.state, model.state_dict())
     assert_same_state(load_model_state(path, trust_pickle=True), model.state_dict())
 
 
@@ -386,15 +389,21 @@ def test_cli_inspect_with_ddp_models(tmp_path, capsys):
     assert "shape mismatch" in text and "strict load: would fail" in text
 
 
-def test_cli_export(ours, tmp_path):
-    assert len(pytest.importorskip("ddp.data").CIFAR10_MEAN) == 3
+def test_cli_export(tmp_path):
     from safetensors import safe_open
     from safetensors.torch import load_file
 
+    from ddp import models
+
+    ours = tmp_path / "fastnet.pt"
+    save_checkpoint(make_checkpoint(models.build("fastnet_small", 10), None, None, None, progress={}, metrics={},
+                                    config={"model": "fastnet_small", "num_classes": 10}, world_size=1,
+                                    device_type="cpu"), ours)
     state = load_model_state(ours)
     assert cli_main(["export", str(ours), str(tmp_path / "w.pt")]) == 0
     weights = load_checkpoint(tmp_path / "w.pt", "cpu")
-    assert weights["format"] == WEIGHTS_FORMAT and weights["model_name"] == "tiny" and weights["num_classes"] == 10
+    assert weights["format"] == WEIGHTS_FORMAT and weights["model_name"] == "fastnet_small"
+    assert weights["num_classes"] == 10
     assert len(weights["mean"]) == 3 and len(weights["std"]) == 3
     assert_same_state(weights["model"], state)
 
@@ -403,8 +412,12 @@ def test_cli_export(ours, tmp_path):
     assert_same_state(dict(sorted(load_file(tmp_path / "w.safetensors").items())), dict(sorted(state.items())))
     with safe_open(tmp_path / "w.safetensors", "pt") as f:
         meta = f.metadata()
-    assert meta["format"] == WEIGHTS_FORMAT and meta["model_name"] == "tiny" and len(json.loads(meta["mean"])) == 3
+    assert meta["format"] == WEIGHTS_FORMAT and meta["model_name"] == "fastnet_small"
+    assert len(json.loads(meta["mean"])) == 3
     assert leftover_temp_files(tmp_path) == []
+    # export checks the weights against the model it names, as evaluate does, and writes nothing otherwise
+    assert cli_main(["export", str(ours), str(tmp_path / "bad.pt"), "--model", "resnet18"]) == 2
+    assert not (tmp_path / "bad.pt").exists()
 
 
 def test_cli_convert_of_our_checkpoint_keeps_the_training_state(ours, tmp_path, capsys):
@@ -429,12 +442,15 @@ def test_cli_convert(tmp_path, capsys):
     assert_same_state(converted["model"], model.state_dict())
 
     whole = tmp_path / "whole.pt"
-    torch.save(model, whole)
-    result = run_cli("convert", str(whole), str(tmp_path / "b.pt"))
-    assert result.returncode == 2 and not (tmp_path / "b.pt").exists()
-    assert result.stderr.count("\n") == 1 and "--trust-pickle" in result.stderr and "Traceback" not in result.stderr
-    assert cli_main(["convert", str(whole), str(tmp_path / "b.pt"), "--trust-pickle"]) == 0
+    torch.save(model, whole)  # read inertly: no class imported, the weights come back
+    assert cli_main(["convert", str(whole), str(tmp_path / "b.pt")]) == 0
     assert_same_state(load_checkpoint(tmp_path / "b.pt", "cpu")["model"], model.state_dict())
+    assert cli_main(["convert", str(whole), str(tmp_path / "c.pt"), "--trust-pickle"]) == 0
+    assert_same_state(load_checkpoint(tmp_path / "c.pt", "cpu")["model"], model.state_dict())
+    torch.save({"model": model, "hook": Malicious(tmp_path / "pwned")}, tmp_path / "evil.pt")
+    result = run_cli("convert", str(tmp_path / "evil.pt"), str(tmp_path / "d.pt"))
+    assert result.returncode == 2 and not (tmp_path / "d.pt").exists() and not (tmp_path / "pwned").exists()
+    assert result.stderr.count("\n") == 1 and "io.open" in result.stderr and "Traceback" not in result.stderr
     capsys.readouterr()
     assert cli_main(["inspect", str(tmp_path / "missing.pt")]) == 2
     assert "checkpoint not found" in capsys.readouterr().err

@@ -15,35 +15,28 @@ from typing import Any
 import torch
 
 from ddp.checkpoint.errors import CheckpointError
-from ddp.checkpoint.files import (
-    FORMAT,
-    WEIGHTS_FORMAT,
-    atomic_write,
-    find_model_state,
-    load_checkpoint,
-    save_checkpoint,
-)
+from ddp.checkpoint.files import FORMAT, WEIGHTS_FORMAT, atomic_write, save_checkpoint
+from ddp.checkpoint.formats import Loaded, read_checkpoint
 from ddp.checkpoint.keys import (
     WRAPPER_PREFIXES,
+    align_prefixes,
     detect_prefixes,
     diff_state,
+    load_state_into,
     parse_remap,
     remap_prefixes,
-    strip_wrapper_prefixes,
 )
 from ddp.checkpoint.state import plain
+from ddp.checkpoint.weights import Weights, extract_weights
 
 PROG = "python -m ddp.checkpoint"
 
 
-def _load_state(path: str, args: argparse.Namespace, trust_pickle: bool = False) -> tuple[Any, str, dict, dict]:
-    """(loaded object, layout, raw state, canonical state with --remap applied)."""
-    obj = load_checkpoint(path, "cpu", trust_pickle=trust_pickle)
-    layout, raw = find_model_state(obj)
-    state = strip_wrapper_prefixes(raw)
-    if getattr(args, "remap", None):
-        state = remap_prefixes(state, args.remap)
-    return obj, layout, dict(raw), state
+def _load_state(args: argparse.Namespace, trust_pickle: bool = False) -> tuple[Loaded, Weights, dict]:
+    """(what the file holds, the chosen weight set, its canonical state with --remap applied)."""
+    loaded = read_checkpoint(args.path, "cpu", trust_pickle=trust_pickle)
+    weights = extract_weights(loaded, args.checkpoint_key)
+    return loaded, weights, remap_prefixes(weights.state, args.remap) if args.remap else weights.state
 
 
 def _remap_arg(text: str) -> tuple[str, str]:
@@ -98,37 +91,52 @@ def _size(n: float) -> str:
     return ""
 
 
+def _file_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
+
+
+def _build_model(name: str, num_classes: int):
+    from ddp import models  # lazily: the rest of the CLI works without the model zoo
+
+    return models.build(name, num_classes)
+
+
+def _key_rows(state: Mapping[str, torch.Tensor]) -> list[dict[str, Any]]:
+    return [{"name": k, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")} for k, t in state.items()]
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     path = Path(args.path)
-    obj, layout, raw, state = _load_state(args.path, args)
-    train = _training_state(obj)
+    loaded, weights, state = _load_state(args)
+    obj, train = loaded.obj, _training_state(loaded.obj)
     config = train["config"] or {}
     info: dict[str, Any] = {
-        "path": str(path), "file_size": path.stat().st_size, "layout": layout,
+        "path": str(path), "file_size": _file_size(path), "container": loaded.container, "layout": weights.layout,
         "format": obj.get("format") if isinstance(obj, Mapping) else None,
+        "weight_sets": weights.weight_sets, "weight_set": weights.chosen, "stand_ins": loaded.stand_ins,
         "progress": train["progress"], "metrics": train["metrics"], "env": train["env"], "config": config,
         "has": {k: bool(train[k]) for k in TRAINING_PARTS},
         "num_tensors": len(state), "numel": sum(t.numel() for t in state.values()),
-        "prefixes": detect_prefixes(raw),
-        "keys": [{"name": k, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
-                 for k, t in state.items()],
+        "prefixes": detect_prefixes(weights.raw_keys),
+        "keys": _key_rows(state),
     }
     diff = None
     if args.model:
-        from ddp import models  # lazily: the rest of the CLI works without the model zoo
-
         num_classes = args.num_classes if args.num_classes is not None else int(config.get("num_classes") or 10)
-        model = models.build(args.model, num_classes)
+        model = _build_model(args.model, num_classes)
+        state, aligned = align_prefixes(state, model.state_dict())
         params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
+        info["keys"] = _key_rows(state)  # as the model will see them
         for key in info["keys"]:
             param = params.get(key["name"])
             key["kind"] = ("buffer" if key["name"] in buffers else "not in model" if param is None
                            else "parameter" if param.requires_grad else "frozen parameter")  # not trained
         diff = diff_state(model.state_dict(), state)
         info["model"] = {"name": args.model, "num_classes": num_classes, "strict_load_ok": diff.ok,
-                         "missing": diff.missing, "unexpected": diff.unexpected,
+                         "aligned": aligned, "missing": diff.missing, "unexpected": diff.unexpected,
                          "shape_mismatch": [{"key": k, "checkpoint": list(c), "model": list(m)}
                                             for k, c, m in diff.shape_mismatch]}
+        diff.notes += [aligned] if aligned else []
     if args.json:
         print(json.dumps(info, indent=1, default=str))
         return 0
@@ -140,9 +148,16 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     wrappers = [p for p in info["prefixes"] if p in WRAPPER_PREFIXES]
     others = [p for p in info["prefixes"] if p not in WRAPPER_PREFIXES]
     prefixes = "; ".join([f"{' '.join(wrappers)} (stripped when loading)"] * bool(wrappers)
-                         + [f"{p} (rename with --remap {p}=)" for p in others]) or "none"
-    print(f"file        {path} ({_size(info['file_size'])})")
-    print(f"format      {info['format'] or 'none (foreign)'}; layout: {layout}")
+                         + [f"{p} (aligned to a model when it is the one that fits; or --remap {p}=)"
+                            for p in others]) or "none"
+    sets = ", ".join(f"{n} (loaded)" if n == weights.chosen else n for n in weights.weight_sets)
+    print(f"file        {path} ({_size(info['file_size'])}), read as {loaded.container}")
+    print(f"format      {info['format'] or 'none (foreign)'}; layout: {weights.layout}")
+    if len(weights.weight_sets) > 1:
+        print(f"weight sets {sets}; pick one with --checkpoint-key")
+    if loaded.stand_ins:
+        print(f"stand-ins   {len(loaded.stand_ins)} pickled classes, recorded but never imported or run:")
+        print("\n".join(f"  {name}" for name in loaded.stand_ins))
     print(f"progress    {fmt(info['progress'])}")
     print(f"metrics     {fmt(info['metrics'])}")
     print(f"saved with  {fmt(info['env'])}")
@@ -160,54 +175,81 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_of(args: argparse.Namespace, weights: Weights, config: Mapping) -> tuple[str, int]:
+    name = args.model or weights.info.get("model_name") or config.get("model")
+    if not name:
+        raise CheckpointError(f"{args.path} does not record which model it holds; pass --model NAME")
+    return name, int(args.num_classes if args.num_classes is not None
+                     else weights.info.get("num_classes") or config.get("num_classes") or 10)
+
+
+def _write_safetensors(state: Mapping[str, torch.Tensor], out: str, meta: dict[str, str]) -> None:
+    from safetensors.torch import save as safetensors_bytes
+
+    # contiguous CPU copies: safetensors refuses views and shared storage
+    blob = safetensors_bytes({k: v.detach().cpu().contiguous().clone() for k, v in state.items()}, metadata=meta)
+    atomic_write(out, lambda f: f.write(blob), what="safetensors file")
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from ddp.data import CIFAR10_MEAN, CIFAR10_STD  # lazily: only export needs the normalisation constants
 
-    obj, layout, _, state = _load_state(args.path, args)
-    config = _training_state(obj)["config"] or {}
-    name = args.model or config.get("model")
-    if not name:
-        raise CheckpointError(f"{args.path} does not record which model it holds; pass --model NAME")
-    num_classes = int(args.num_classes if args.num_classes is not None else config.get("num_classes") or 10)
-    # contiguous CPU copies: safetensors refuses views and shared storage
-    state = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
+    _, weights, state = _load_state(args)
+    name, num_classes = _model_of(args, weights, {})
+    model = _build_model(name, num_classes)
+    diff = load_state_into(model, state, strict=True)  # as evaluate does: the weights must fit the model named
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     mean, std = [float(x) for x in CIFAR10_MEAN], [float(x) for x in CIFAR10_STD]
-    if args.safetensors:
-        from safetensors.torch import save as safetensors_bytes
-
-        meta = {"format": WEIGHTS_FORMAT, "model_name": name, "num_classes": str(num_classes),
-                "mean": json.dumps(mean), "std": json.dumps(std)}
-        blob = safetensors_bytes(state, metadata=meta)
-        atomic_write(args.out, lambda f: f.write(blob), what="export")
+    if args.safetensors or args.out.endswith(".safetensors"):
+        _write_safetensors(state, args.out, {"format": WEIGHTS_FORMAT, "model_name": name,
+                                             "num_classes": str(num_classes), "mean": json.dumps(mean),
+                                             "std": json.dumps(std)})
     else:
         save_checkpoint({"format": WEIGHTS_FORMAT, "model": state, "model_name": name, "num_classes": num_classes,
                          "mean": mean, "std": std}, args.out)
-    print(f"wrote {args.out}: {len(state)} tensors, model {name}, {num_classes} classes (from {layout})")
+    notes = "".join(f"; {n}" for n in [weights.note, *diff.notes] if n)
+    print(f"wrote {args.out}: {len(state)} tensors, model {name}, {num_classes} classes (from {weights.layout}{notes})")
     return 0
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    obj, layout, _, state = _load_state(args.path, args, trust_pickle=args.trust_pickle)
-    train = _training_state(obj)
+    loaded, weights, state = _load_state(args, trust_pickle=args.trust_pickle)
+    obj, train = loaded.obj, _training_state(loaded.obj)
     config = dict(train["config"] or {})
+    if weights.info.get("model_name"):
+        config.setdefault("model", weights.info["model_name"])
     if args.model:
         config["model"] = args.model
     if args.num_classes is not None:
         config["num_classes"] = args.num_classes
+    to = args.to or ("safetensors" if args.out.endswith(".safetensors") else "ddp")
+    if to == "safetensors":
+        meta = {"format": WEIGHTS_FORMAT, **({"model_name": config["model"]} if "model" in config else {}),
+                **({"num_classes": str(config["num_classes"])} if "num_classes" in config else {})}
+        _write_safetensors(state, args.out, meta)
+        print(f"wrote {args.out}: {len(state)} tensors from {weights.layout} (weights only)")
+        return 0
     ours = isinstance(obj, Mapping) and obj.get("format") == FORMAT
     ckpt = {"format": FORMAT, "model": state,
             **{k: train[k] for k in (*TRAINING_PARTS, "progress", "metrics")},
             "config": plain(config),
             "env": train["env"] or {"world_size": 1, "device": "cpu", "torch": str(torch.__version__)},
             "rng": obj.get("rng") if ours else None}  # a foreign file's RNG state can't be mapped to ours
-    save_checkpoint(ckpt, args.out)
+    if to == "dcp":
+        from ddp.checkpoint.dcp import write_dcp
+
+        write_dcp({k: v for k, v in ckpt.items() if v is not None}, args.out)
+    else:
+        save_checkpoint(ckpt, args.out)
     try:  # a trusted foreign optimizer state may still hold custom objects; the output must load safely
-        load_checkpoint(args.out, "cpu")
+        read_checkpoint(args.out, "cpu")
     except CheckpointError:
-        Path(args.out).unlink(missing_ok=True)
+        if to != "dcp":
+            Path(args.out).unlink(missing_ok=True)
         raise
     extras = ", ".join(k for k in TRAINING_PARTS if ckpt[k]) or "no optimizer state"
-    print(f"wrote {args.out}: {len(state)} tensors from {layout}; {extras}; epoch {ckpt['progress']['epoch']}")
+    print(f"wrote {args.out}{' (DCP directory)' if to == 'dcp' else ''}: {len(state)} tensors from "
+          f"{weights.layout}; {extras}; epoch {ckpt['progress']['epoch']}")
     return 0
 
 
@@ -218,33 +260,34 @@ def build_parser() -> argparse.ArgumentParser:
     def add(name: str, func, help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
         p.set_defaults(func=func)
-        p.add_argument("path", help="checkpoint file (ours or a foreign layout)")
-        return p
-
-    def remap(p: argparse.ArgumentParser) -> None:
+        p.add_argument("path", help="checkpoint file or directory: ours, torch (zip or legacy), Lightning, timm, "
+                       ".safetensors, a shard index, a DCP directory")
         p.add_argument("--remap", type=_remap_arg, action="append", metavar="OLD=NEW",
                        help="replace a leading OLD key prefix with NEW (repeatable; first match wins)")
+        p.add_argument("--checkpoint-key", metavar="NAME",
+                       help="the weight set to use when the file holds several (e.g. state_dict_ema, student)")
+        p.add_argument("--num-classes", type=int, help="default: what the checkpoint records, else 10")
+        return p
 
     p = add("inspect", cmd_inspect, "show what a checkpoint holds and whether it fits a model")
     p.add_argument("--model", help="diff the keys against ddp.models.build(MODEL)")
-    p.add_argument("--num-classes", type=int, help="for --model (default: the checkpoint's config, else 10)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    remap(p)
 
-    p = add("export", cmd_export, "write a weights-only file (model state + model name + normalisation)")
-    p.add_argument("out", help="output file")
-    p.add_argument("--safetensors", action="store_true", help="write .safetensors with string metadata")
+    p = add("export", cmd_export, "write a weights-only file (model state + model name + normalisation), "
+            "after checking that the weights fit the model")
+    p.add_argument("out", help="output file (.safetensors writes safetensors)")
+    p.add_argument("--safetensors", action="store_true", help="write safetensors with string metadata")
     p.add_argument("--model", help="model name, for checkpoints that do not record it")
-    p.add_argument("--num-classes", type=int, help="default: the checkpoint's config, else 10")
-    remap(p)
 
-    p = add("convert", cmd_convert, f"turn any recognised layout into a {FORMAT} checkpoint")
-    p.add_argument("out", help="output file")
+    p = add("convert", cmd_convert, f"turn any readable layout into a {FORMAT} checkpoint, a .safetensors file, "
+            "or a torch.distributed.checkpoint (DCP) directory that N ranks load")
+    p.add_argument("out", help="output file, or directory with --to dcp")
+    p.add_argument("--to", choices=["ddp", "safetensors", "dcp"],
+                   help=f"output format (default: safetensors for *.safetensors, else {FORMAT})")
     p.add_argument("--trust-pickle", action="store_true",
-                   help="allow files with pickled objects (e.g. torch.save(model)); this runs code from the file")
+                   help="import the classes a pickle names (e.g. torch.save(model)) instead of standing in for "
+                   "them; this runs code from the file")
     p.add_argument("--model", help="model name to record in the config")
-    p.add_argument("--num-classes", type=int, help="number of classes to record in the config")
-    remap(p)
     return parser
 
 

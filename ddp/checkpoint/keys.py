@@ -96,6 +96,7 @@ class KeyDiff:
     unexpected: list[str] = field(default_factory=list)  # in the checkpoint, not in the model
     shape_mismatch: list[tuple[str, tuple, tuple]] = field(default_factory=list)  # (key, ckpt shape, model shape)
     matched: int = 0  # keys present in both with the same shape: what a non-strict load takes
+    notes: list[str] = field(default_factory=list)  # what was done to make the keys fit (prefix alignment)
 
     @property
     def ok(self) -> bool:
@@ -108,8 +109,8 @@ class KeyDiff:
     def report(self, title: str = "checkpoint vs model", limit: int = 20) -> str:
         """Multi-line human-readable summary, at most `limit` keys per section."""
         if self.ok:
-            return f"{title}: all {self.matched} keys and shapes match"
-        lines = [f"{title}: {self.matched} keys match; {self.one_line(first=0)}"]
+            return "\n".join([*self.notes, f"{title}: all {self.matched} keys and shapes match"])
+        lines = [*self.notes, f"{title}: {self.matched} keys match; {self.one_line(first=0)}"]
         for name, items in self._sections():
             if items:
                 lines.append(f"  {name} ({len(items)}):")
@@ -142,19 +143,83 @@ def diff_state(model_state: Mapping[str, Any], ckpt_state: Mapping[str, Any]) ->
                    matched=sum(k in ckpt_state for k in model_state) - len(mismatch))
 
 
-def load_state_into(model: nn.Module, state: Mapping[str, torch.Tensor], strict: bool = True) -> KeyDiff:
-    """Load `state` into the unwrapped model; strict raises CheckpointMismatchError, else skips what doesn't fit."""
+def _dotted_prefixes(keys: Iterable[str]) -> set[str]:
+    """Every leading run of whole components that some key has: 'a.b.c' gives 'a.' and 'a.b.'."""
+    found = set()
+    for key in keys:
+        parts = key.split(".")[:-1]
+        found.update(".".join(parts[:i]) + "." for i in range(1, len(parts) + 1))
+    return found
+
+
+def _fitting(state: Mapping[str, Any], model_state: Mapping[str, Any]) -> int:
+    return sum(k in model_state and tuple(v.shape) == tuple(model_state[k].shape) for k, v in state.items())
+
+
+def align_prefixes(state: Mapping[str, Any], model_state: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
+    """Remove or add the one leading prefix that makes the keys fit the model, if exactly one does best.
+
+    Prefixes come from the keys themselves (Lightning's `model.`, `backbone.`, `student.`, ...). Removing a
+    prefix takes the keys under it and leaves the others out. Returns (state, one-line note, "" if unchanged);
+    raises CheckpointMismatchError when two prefixes fit equally well.
+    """
+    state = dict(state)
+    best, current = {}, _fitting(state, model_state)
+    if current == len(model_state):
+        return state, ""
+    for prefix in _dotted_prefixes(state):
+        under = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        best[("remove", prefix)] = (_fitting(under, model_state), under)
+    for prefix in _dotted_prefixes(model_state):
+        best[("add", prefix)] = (_fitting({prefix + k: v for k, v in state.items()}, model_state),
+                                 {prefix + k: v for k, v in state.items()})
+    top = max((score for score, _ in best.values()), default=0)
+    if top <= current:
+        return state, ""
+    winners = [op for op, (score, _) in best.items() if score == top]
+    if len(winners) > 1:
+        options = " or ".join(f"`--remap {p}=`" if how == "remove" else f"`--remap ={p}`" for how, p in sorted(winners))
+        raise CheckpointMismatchError(
+            f"the checkpoint's keys fit the model after {' or after '.join(f'{h} `{p}`' for h, p in sorted(winners))}"
+            f" ({top} of {len(model_state)} keys each): ambiguous, so nothing was loaded; choose with {options}, or "
+            "pick a weight set with --checkpoint-key")
+    (how, prefix), (_, aligned) = winners[0], best[winners[0]][1]
+    left_out = len(state) - len(aligned)
+    note = (f"aligned: {'removed' if how == 'remove' else 'added'} `{prefix}` {'from' if how == 'remove' else 'to'} "
+            f"{len(aligned)} keys" + (f" ({left_out} keys outside `{prefix}` left out)" if left_out else ""))
+    return aligned, note
+
+
+def load_state_into(model: nn.Module, state: Mapping[str, torch.Tensor], strict: bool = True, *,
+                    min_match: float = 0.0) -> KeyDiff:
+    """Load `state` into the unwrapped model, aligning a leading prefix if that makes it fit.
+
+    strict raises CheckpointMismatchError unless every key and shape fits. Otherwise what fits is loaded,
+    unless it covers less than `min_match` of the model's parameters (by number of values).
+    """
     target = unwrap_model(model)
-    state = strip_wrapper_prefixes(state)
-    diff = diff_state(target.state_dict(), state)
+    model_state = target.state_dict()
+    state, note = align_prefixes(strip_wrapper_prefixes(state), model_state)
+    diff = diff_state(model_state, state)
+    diff.notes += [note] if note else []
+    name = type(target).__name__
     if strict and not diff.ok:
         raise CheckpointMismatchError(
-            f"checkpoint does not fit {type(target).__name__}: {diff.one_line()}. Check that the model "
+            f"checkpoint does not fit {name}: {diff.one_line()}{f' ({note})' if note else ''}. Check that the model "
             "matches the run that saved it (`python -m ddp.checkpoint inspect FILE --model NAME` shows the diff), "
             "or use --init-from for a partial load", diff)
     skip = {key for key, _, _ in diff.shape_mismatch}  # load_state_dict(strict=False) still fails on shapes
+    params = dict(target.named_parameters())
+    fitting = sum(p.numel() for k, p in params.items() if k in state and k not in skip)
+    total = sum(p.numel() for p in params.values())
+    if not strict and total and fitting < min_match * total:
+        raise CheckpointMismatchError(
+            f"only {100 * fitting / total:.0f}% of {name}'s parameters ({diff.matched} of {len(model_state)} keys) "
+            f"fit the checkpoint, below the {100 * min_match:.0f}% a partial load needs ({diff.one_line()}); wrong "
+            "model or prefix? `python -m ddp.checkpoint inspect FILE --model NAME` shows the keys, --remap OLD=NEW "
+            "renames them, --min-match 0 loads it anyway", diff)
     try:
         target.load_state_dict({k: v for k, v in state.items() if k not in skip}, strict=strict)
     except RuntimeError as e:
-        raise CheckpointMismatchError(f"loading into {type(target).__name__} failed: {first_line(e)}", diff) from e
+        raise CheckpointMismatchError(f"loading into {name} failed: {first_line(e)}", diff) from e
     return diff

@@ -1,0 +1,174 @@
+"""Model weights from any checkpoint: find the weight sets a file holds, pick one, load it into a model."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ddp.checkpoint.errors import CheckpointFormatError
+from ddp.checkpoint.files import FORMAT, WEIGHTS_FORMAT
+from ddp.checkpoint.formats import Loaded, read_checkpoint
+from ddp.checkpoint.keys import KeyDiff, load_state_into, remap_prefixes, strip_wrapper_prefixes, unwrap_model
+from ddp.checkpoint.unpickle import StandIn, module_state
+
+# Where other projects put weights; when a file holds several weight sets, the first of these present is
+# loaded (timm: state_dict before state_dict_ema; DINO: teacher before student) unless checkpoint_key says.
+STATE_KEYS = ("model", "state_dict", "model_state_dict", "net", "module", "network", "teacher", "student",
+              "model_ema", "state_dict_ema", "ema")
+DEFAULT_MIN_MATCH = 0.5  # a partial load must cover at least this fraction of the model's parameters
+
+
+@dataclass
+class Weights:
+    """One weight set read from a checkpoint, with canonical keys and what the file says about it."""
+
+    state: dict[str, torch.Tensor]
+    layout: str  # e.g. "Lightning checkpoint (pytorch-lightning 2.5.0), weights under 'state_dict'"
+    info: dict[str, Any] = field(default_factory=dict)  # model_name, num_classes where the file records them
+    stand_ins: list[str] = field(default_factory=list)  # pickled classes that were not imported
+    weight_sets: list[str] = field(default_factory=list)  # every weight set in the file (for checkpoint_key)
+    chosen: str | None = None  # the one in `state`
+    raw_keys: list[str] = field(default_factory=list)  # its keys as the file has them (module. etc. included)
+
+    @property
+    def note(self) -> str:
+        """One line when the file held several weight sets, or classes that were stood in for; else ""."""
+        notes = []
+        if len(self.weight_sets) > 1:
+            notes.append(f"{len(self.weight_sets)} weight sets ({', '.join(self.weight_sets)}): loaded "
+                         f"{self.chosen!r}; pick another with --checkpoint-key (checkpoint_key=)")
+        if self.stand_ins:
+            notes.append(f"{len(self.stand_ins)} pickled classes not imported, only recorded: "
+                         f"{', '.join(self.stand_ins[:4])}{', ...' if len(self.stand_ins) > 4 else ''}")
+        return "; ".join(notes)
+
+
+def is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _as_state(value: Any) -> Mapping[str, torch.Tensor] | None:
+    if isinstance(value, nn.Module):
+        return unwrap_model(value).state_dict()
+    if isinstance(value, StandIn):
+        return module_state(value)
+    return value if is_state_dict(value) else None
+
+
+def weight_sets(obj: Any) -> dict[str, Mapping[str, torch.Tensor]]:
+    """Every state dict (or pickled model) a checkpoint holds, by its top-level key; "" for the whole object."""
+    whole = _as_state(obj)
+    if whole is not None or not isinstance(obj, Mapping):
+        return {"": whole} if whole is not None else {}
+    found = {k: s for k, v in obj.items() if isinstance(k, str) and (s := _as_state(v)) is not None}
+    if not found:  # torchtitan-style DCP: the model's tensors at the top level beside other entries
+        tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+        found = {"": tensors} if tensors else {}
+    return found
+
+
+def _layout(loaded: Loaded, chosen: str) -> str:
+    obj = loaded.obj
+    where = f", weights under {chosen!r}" if chosen else ""
+    if isinstance(obj, Mapping):
+        if "pytorch-lightning_version" in obj:
+            return f"Lightning checkpoint (pytorch-lightning {obj['pytorch-lightning_version']}){where}"
+        if "state_dict_ema" in obj or ("arch" in obj and "args" in obj and "state_dict" in obj):
+            return f"timm training checkpoint{where}"
+        if "arch" in obj and any(k.startswith("best_acc") for k in obj):
+            return f"pytorch/examples ImageNet checkpoint{where}"
+    if isinstance(obj, (nn.Module, StandIn)):
+        return "pickled nn.Module" + (" (read inertly)" if isinstance(obj, StandIn) else "")
+    if not chosen and loaded.container not in ("torch zip", "torch legacy"):
+        return loaded.container
+    return f"{loaded.container}, " + (f"state dict under {chosen!r}" if chosen else "bare state dict")
+
+
+def _info(loaded: Loaded) -> dict[str, Any]:
+    obj, meta = loaded.obj, loaded.metadata
+    if meta.get("model_name"):  # our .safetensors exports
+        return {"model_name": meta["model_name"], **({"num_classes": json.loads(meta["num_classes"])}
+                                                     if "num_classes" in meta else {})}
+    if isinstance(obj, Mapping) and obj.get("format") == WEIGHTS_FORMAT:
+        return {"model_name": obj["model_name"], "num_classes": obj["num_classes"]}
+    if isinstance(obj, Mapping) and obj.get("format") == FORMAT:
+        config = obj.get("config") or {}
+        return {"model_name": config.get("model"), "num_classes": config.get("num_classes", 10)}
+    return {}
+
+
+def extract_weights(loaded: Loaded, checkpoint_key: str | None = None) -> Weights:
+    """Pick one weight set from what a file holds: ours, the chosen key, else the first of STATE_KEYS."""
+    obj = loaded.obj
+    if isinstance(obj, Mapping) and "format" in obj:
+        if obj["format"] not in (FORMAT, WEIGHTS_FORMAT):
+            raise CheckpointFormatError(f"unknown checkpoint format {obj['format']!r}; this code reads {FORMAT} and "
+                                        f"{WEIGHTS_FORMAT} (a newer ddp-cifar may have written it)")
+        sets = {"model": obj["model"]}
+    else:
+        sets = weight_sets(obj)
+    if not sets:
+        keys = ", ".join(repr(k) for k in list(obj)[:20]) + (", ..." if len(obj) > 20 else "") \
+            if isinstance(obj, Mapping) else type(obj).__name__
+        raise CheckpointFormatError(f"no model weights found; top-level keys are: {keys or '(none)'}. Expected a "
+                                    f"state dict of tensors, or one under {', '.join(STATE_KEYS)}")
+    names = list(sets)
+    if checkpoint_key is None:
+        chosen = next((k for k in STATE_KEYS if k in sets), names[0])
+        if len(sets) > 1 and chosen not in STATE_KEYS:
+            raise CheckpointFormatError(f"the file holds {len(sets)} weight sets ({', '.join(names)}) and none is a "
+                                        "usual default; pick one with --checkpoint-key NAME")
+        state = sets[chosen]
+    elif checkpoint_key in sets:
+        chosen, state = checkpoint_key, sets[checkpoint_key]
+    else:  # a prefix inside a flat state dict (teacher./student. in one dict)
+        prefix = checkpoint_key.rstrip(".") + "."
+        flat = sets[next((k for k in STATE_KEYS if k in sets), names[0])]
+        state = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
+        if not state:
+            raise CheckpointFormatError(f"--checkpoint-key {checkpoint_key!r}: no such weight set; the file holds "
+                                        f"{', '.join(repr(n) for n in names)}")
+        chosen = checkpoint_key
+    return Weights(strip_wrapper_prefixes(state), _layout(loaded, chosen), _info(loaded), loaded.stand_ins,
+                   [n for n in names if n], chosen or None, list(state))
+
+
+def extract_model_state(obj: Any, checkpoint_key: str | None = None) -> dict[str, torch.Tensor]:
+    """The model state dict (wrapper prefixes stripped) from any loaded object."""
+    return extract_weights(Loaded(obj, "object"), checkpoint_key).state
+
+
+def load_weights(path: str | os.PathLike, map_location: Any = "cpu", *, checkpoint_key: str | None = None,
+                 trust_pickle: bool = False) -> Weights:
+    """One weight set from any checkpoint file or directory, with what the file says about the model."""
+    return extract_weights(read_checkpoint(path, map_location, trust_pickle=trust_pickle), checkpoint_key)
+
+
+def load_model_state(path: str | os.PathLike, map_location: Any = "cpu", *, checkpoint_key: str | None = None,
+                     trust_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """Canonical model state dict from any checkpoint: what torch.load(...)["state_dict"] is in most code."""
+    return load_weights(path, map_location, checkpoint_key=checkpoint_key, trust_pickle=trust_pickle).state
+
+
+def load_into(model: nn.Module, path: str | os.PathLike, strict: bool = True, *, map_location: Any = None,
+              checkpoint_key: str | None = None, remap: list[tuple[str, str]] | None = None,
+              min_match: float = DEFAULT_MIN_MATCH) -> KeyDiff:
+    """Load a checkpoint's weights into `model` (by default onto the device of its first parameter).
+
+    Keys are remapped, then aligned by one leading prefix if that makes them fit (see `diff.notes`). A
+    non-strict load refuses when less than `min_match` of the model's parameters would be loaded.
+    """
+    if map_location is None:
+        param = next(unwrap_model(model).parameters(), None)
+        map_location = param.device if param is not None else "cpu"
+    weights = load_weights(path, map_location, checkpoint_key=checkpoint_key)
+    state = remap_prefixes(weights.state, remap) if remap else weights.state
+    diff = load_state_into(model, state, strict=strict, min_match=min_match)
+    diff.notes[:0] = [weights.note] if weights.note else []
+    return diff
