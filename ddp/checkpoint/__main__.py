@@ -222,6 +222,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
         config["model"] = args.model
     if args.num_classes is not None:
         config["num_classes"] = args.num_classes
+    from ddp import models
+
+    if config.get("model") in models.MODELS:  # keys as that model has them (Lightning's `model.` removed), checked
+        model = _build_model(config["model"], int(config.get("num_classes") or 10))
+        load_state_into(model, state, strict=True)
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     to = args.to or ("safetensors" if args.out.endswith(".safetensors") else "ddp")
     if to == "safetensors":
         meta = {"format": WEIGHTS_FORMAT, **({"model_name": config["model"]} if "model" in config else {}),

@@ -164,26 +164,27 @@ def align_prefixes(state: Mapping[str, Any], model_state: Mapping[str, Any]) -> 
     raises CheckpointMismatchError when two prefixes fit equally well.
     """
     state = dict(state)
-    best, current = {}, _fitting(state, model_state)
+    current = _fitting(state, model_state)
     if current == len(model_state):
         return state, ""
+    candidates: dict[tuple[str, str], dict[str, Any]] = {}  # (how, prefix) -> renamed state
     for prefix in _dotted_prefixes(state):
-        under = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-        best[("remove", prefix)] = (_fitting(under, model_state), under)
+        candidates["remove", prefix] = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     for prefix in _dotted_prefixes(model_state):
-        best[("add", prefix)] = (_fitting({prefix + k: v for k, v in state.items()}, model_state),
-                                 {prefix + k: v for k, v in state.items()})
-    top = max((score for score, _ in best.values()), default=0)
+        candidates["add", prefix] = {prefix + k: v for k, v in state.items()}
+    scores = {op: _fitting(renamed, model_state) for op, renamed in candidates.items()}
+    top = max(scores.values(), default=0)
     if top <= current:
         return state, ""
-    winners = [op for op, (score, _) in best.items() if score == top]
+    winners = sorted(op for op, score in scores.items() if score == top)
     if len(winners) > 1:
-        options = " or ".join(f"`--remap {p}=`" if how == "remove" else f"`--remap ={p}`" for how, p in sorted(winners))
+        options = " or ".join(f"`--remap {p}=`" if how == "remove" else f"`--remap ={p}`" for how, p in winners)
         raise CheckpointMismatchError(
-            f"the checkpoint's keys fit the model after {' or after '.join(f'{h} `{p}`' for h, p in sorted(winners))}"
-            f" ({top} of {len(model_state)} keys each): ambiguous, so nothing was loaded; choose with {options}, or "
+            f"the checkpoint's keys fit the model after {' or after '.join(f'{h} `{p}`' for h, p in winners)} "
+            f"({top} of {len(model_state)} keys each): ambiguous, so nothing was loaded; choose with {options}, or "
             "pick a weight set with --checkpoint-key")
-    (how, prefix), (_, aligned) = winners[0], best[winners[0]][1]
+    how, prefix = winners[0]
+    aligned = candidates[how, prefix]
     left_out = len(state) - len(aligned)
     note = (f"aligned: {'removed' if how == 'remove' else 'added'} `{prefix}` {'from' if how == 'remove' else 'to'} "
             f"{len(aligned)} keys" + (f" ({left_out} keys outside `{prefix}` left out)" if left_out else ""))
