@@ -3,12 +3,14 @@
 Nothing here touches torch.distributed; the trainer decides which rank calls what. Every file we
 write is readable with torch.load(weights_only=True): tensors and plain Python types only.
 
+    dcp.py     DCP directories (torch.distributed.checkpoint) read whole without unpickling, written atomically
     keys.py    unwrap DDP/compile, strip/remap prefixes, diff keys against a model, load with a report
     files.py   atomic save, safe load with one-line errors, the layouts other tools write
     state.py   the full training-state dict, RNG, the checkpoint directory (latest/best/epoch files)
     __main__   python -m ddp.checkpoint {inspect,export,convert}
 """
 
+from ddp.checkpoint.dcp import is_dcp_directory, read_dcp, write_dcp
 from ddp.checkpoint.errors import (
     CheckpointCorruptError,
     CheckpointError,
@@ -70,6 +72,7 @@ __all__ = [
     "diff_state",
     "epoch_checkpoint_name",
     "extract_model_state",
+    "is_dcp_directory",
     "load_checkpoint",
     "load_into",
     "load_model_state",
@@ -79,10 +82,12 @@ __all__ = [
     "newest_valid_checkpoint",
     "parse_remap",
     "prune_epoch_checkpoints",
+    "read_dcp",
     "remap_prefixes",
     "restore_checkpoint",
     "restore_rng",
     "save_checkpoint",
     "strip_wrapper_prefixes",
     "unwrap_model",
+    "write_dcp",
 ]

@@ -1,0 +1,239 @@
+"""torch.distributed.checkpoint (DCP) directories, read whole in one plain process and written atomically.
+
+A DCP directory is `.metadata` (a pickle of DCP's dataclasses) plus `__<rank>_<n>.distcp` files, each a run
+of torch.save blobs: one per tensor chunk (a rank's shard, at its offsets in the full tensor) and one per
+non-tensor value. DCP's own reader runs pickle.load on `.metadata` and torch.load(weights_only=False) on the
+values; here `.metadata` goes through the inert unpickler (its dataclasses come back as StandIns whose
+`.state` we read) and every blob through load_untrusted, so nothing in the directory runs.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import secrets
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ddp.checkpoint.errors import (
+    CheckpointCorruptError,
+    CheckpointError,
+    CheckpointFormatError,
+    CheckpointWriteError,
+    first_line,
+)
+from ddp.checkpoint.unpickle import StandIn, inert_loads, load_untrusted, refuse_hostile
+
+METADATA_NAME = ".metadata"
+_REDO = "copy the whole directory again from where it was saved, or save it again"
+
+
+def is_dcp_directory(path: str | os.PathLike) -> bool:
+    """True if `path` is a directory holding a DCP `.metadata` file."""
+    return (Path(path) / METADATA_NAME).is_file()
+
+
+def _kind(obj: Any) -> str:
+    """The class name a StandIn stands for ("TensorStorageMetadata"), or "" for anything else."""
+    return obj.name.rsplit(".", 1)[-1] if isinstance(obj, StandIn) else ""
+
+
+def _fields(obj: Any) -> dict:
+    """A pickled dataclass's fields: what BUILD gave its StandIn (the instance's __dict__)."""
+    state = getattr(obj, "state", None)
+    return state if isinstance(state, dict) else {}
+
+
+def _read_metadata(directory: Path) -> tuple[dict, list[str]]:
+    where = directory / METADATA_NAME
+    try:
+        root, names = inert_loads(where.read_bytes())
+    except OSError as e:
+        raise CheckpointCorruptError(f"cannot read {where}: {first_line(e)}; {_REDO}") from e
+    except Exception as e:  # any unpickling failure: truncated, garbage, not a pickle at all
+        raise CheckpointCorruptError(f"{where} is not a readable DCP metadata file ({first_line(e)}); the save did "
+                                     f"not finish or the file is damaged: {_REDO}") from e
+    refuse_hostile(names, str(where))  # before anything of it is used
+    meta = _fields(root)
+    if _kind(root) != "Metadata" or not isinstance(meta.get("state_dict_metadata"), dict) \
+            or not isinstance(meta.get("storage_data"), dict):
+        raise CheckpointFormatError(f"{where} holds {type(root).__name__ if _kind(root) == '' else root.name}, not "
+                                    "the Metadata that torch.distributed.checkpoint.save writes; is this a DCP checkpoint?")
+    return meta, names
+
+
+def _storage_index(meta: dict, where: Path) -> dict[tuple, dict]:
+    """(fqn, chunk offsets or None) -> {relative_path, offset, length}, from Metadata.storage_data."""
+    index = {}
+    for key, info in meta["storage_data"].items():
+        key_f, info_f = _fields(key), _fields(info)
+        if _kind(info) != "_StorageInfo" or not {"relative_path", "offset", "length"} <= info_f.keys():
+            raise CheckpointFormatError(f"{where}: storage entries of type {_kind(info) or type(info).__name__} are not "
+                                        "the .distcp layout of FileSystemWriter, the only one this reader knows")
+        if info_f.get("transform_descriptors"):  # e.g. the zstd extension: bytes we cannot decode
+            raise CheckpointFormatError(f"{where}: items are stored with transforms {info_f['transform_descriptors']}"
+                                        " (compression extensions), which this reader does not decode; save the "
+                                        "checkpoint again without _extensions")
+        offsets = key_f.get("offset")
+        index[(key_f.get("fqn"), None if offsets is None else tuple(offsets))] = info_f
+    return index
+
+
+class _Blobs:
+    """The .distcp files of one directory, each read once; `load` is an untrusted torch.load of one item."""
+
+    def __init__(self, directory: Path):
+        self.directory, self.files, self.names = directory, {}, set()
+
+    def load(self, info: dict, device: Any = "cpu") -> Any:
+        rel, directory = str(info["relative_path"]), self.directory
+        path = (directory / rel).resolve()
+        if path.parent != directory.resolve():  # a crafted relative_path must not read files elsewhere
+            raise CheckpointFormatError(f"{directory}/{METADATA_NAME} points outside the directory ({rel!r}); refused")
+        if rel not in self.files:
+            try:
+                self.files[rel] = path.read_bytes()
+            except OSError as e:
+                raise CheckpointCorruptError(f"{directory}: cannot read {rel} ({first_line(e)}); the checkpoint is "
+                                             f"incomplete: {_REDO}") from e
+        start, length = int(info["offset"]), int(info["length"])
+        data = self.files[rel][start:start + length]
+        if len(data) != length:
+            raise CheckpointCorruptError(f"{directory}: {rel} is truncated ({len(self.files[rel])} bytes, an item "
+                                         f"needs {start + length}); {_REDO}")
+        try:
+            obj, names = load_untrusted(io.BytesIO(data), device, f"{directory}/{rel}")
+        except CheckpointError:
+            raise
+        except Exception as e:  # the slice is not a torch.save blob
+            raise CheckpointCorruptError(f"{directory}: an item of {rel} does not load ({first_line(e)}); the file "
+                                         f"is damaged: {_REDO}") from e
+        self.names.update(names)
+        return obj
+
+
+def _tensor(fqn: str, md: dict, items: dict, blobs: _Blobs) -> torch.Tensor:
+    """The full tensor, assembled from its chunks at their offsets."""
+    props = getattr(md["properties"], "state", None)  # TensorProperties pickles as a tuple, dtype first
+    dtype = props[0] if isinstance(props, tuple) and props else _fields(md["properties"]).get("dtype")
+    if not isinstance(dtype, torch.dtype):
+        raise CheckpointFormatError(f"{blobs.directory}/{METADATA_NAME}: tensor {fqn} has no dtype; not a DCP "
+                                    "layout this reader knows")
+    full = torch.empty(tuple(md["size"]), dtype=dtype)
+    covered = 0
+    for chunk in md["chunks"]:
+        offsets, sizes = (tuple(_fields(chunk)[k]) for k in ("offsets", "sizes"))
+        if (fqn, offsets) not in items:
+            raise CheckpointCorruptError(f"{blobs.directory}/{METADATA_NAME} lists a chunk of {fqn} at "
+                                         f"{list(offsets)} but no file holds it; {_REDO}")
+        part = blobs.load(items[(fqn, offsets)])
+        if not isinstance(part, torch.Tensor) or tuple(part.shape) != sizes:
+            raise CheckpointCorruptError(f"{blobs.directory}: the chunk of {fqn} at {list(offsets)} should be a "
+                                         f"tensor of shape {list(sizes)}, found "
+                                         f"{getattr(part, 'shape', type(part).__name__)}; {_REDO}")
+        full[tuple(slice(o, o + s) for o, s in zip(offsets, sizes, strict=True))] = part
+        covered += part.numel()
+    if covered < full.numel():  # chunks never overlap as DCP writes them (replicas are deduplicated)
+        raise CheckpointCorruptError(f"{blobs.directory}: the chunks of {fqn} cover {covered} of its "
+                                     f"{full.numel()} elements; some rank's part was not saved: {_REDO}")
+    return full
+
+
+def _set(root: dict, path: tuple, value: Any, limit: int, where: Path) -> None:
+    """Put `value` at `path` (str keys: dicts, int keys: lists), as DCP's unflattening does."""
+    node: Any = root
+    for key, after in zip(path, [*path[1:], None], strict=True):
+        if not isinstance(node, (dict, list)) or isinstance(key, int) != isinstance(node, list) \
+                or not isinstance(key, (str, int)) or (isinstance(key, int) and not 0 <= key < limit):
+            raise CheckpointFormatError(f"{where}: key path {path!r} in planner_data does not fit the others; not "
+                                        "a DCP layout this reader knows")
+        if isinstance(node, list):
+            node.extend([None] * (key + 1 - len(node)))
+        if after is None:
+            node[key] = value
+        elif (node[key] if isinstance(node, list) else node.get(key)) is None:
+            node[key] = [] if isinstance(after, int) else {}
+        node = node[key]
+
+
+def _optimizer_keys(node: Any) -> None:
+    """Optimizer.state_dict()["state"] is keyed by the ints of param_groups' params; DCP str()s every dict key."""
+    if isinstance(node, dict):
+        groups = node.get("param_groups") if isinstance(node.get("param_groups"), list) else []
+        params = {p for g in groups if isinstance(g, dict) for p in g.get("params") or ()}
+        if params and all(type(p) is int for p in params) and isinstance(node.get("state"), dict):
+            node["state"] = {int(k) if isinstance(k, str) and k.isdigit() and int(k) in params else k: v
+                             for k, v in node["state"].items()}
+    for child in node.values() if isinstance(node, dict) else node if isinstance(node, list) else ():
+        _optimizer_keys(child)
+
+
+def read_dcp(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[dict, list[str]]:
+    """The whole DCP checkpoint at `path`, nested as it was saved, tensors whole: (state, stand-in names)."""
+    directory = Path(path)
+    meta, names = _read_metadata(directory)
+    where = directory / METADATA_NAME
+    mapping = meta.get("planner_data") if isinstance(meta.get("planner_data"), dict) else {}
+    blobs = _Blobs(directory)
+    entries = meta["state_dict_metadata"]
+    state: dict = {}
+    try:
+        items = _storage_index(meta, where)
+        for fqn, md in entries.items():
+            if _kind(md) == "TensorStorageMetadata":
+                value = _tensor(fqn, _fields(md), items, blobs).to(map_location)
+            elif _kind(md) == "BytesStorageMetadata" and (fqn, None) in items:
+                value = blobs.load(items[(fqn, None)], map_location)
+            else:
+                raise CheckpointFormatError(f"{where}: entry {fqn} is {_kind(md) or type(md).__name__} with no "
+                                            "stored data; not a DCP layout this reader knows")
+            _set(state, tuple(mapping.get(fqn) or (fqn,)), value, len(entries), where)
+    except CheckpointError:
+        raise
+    except (KeyError, TypeError, AttributeError, ValueError) as e:  # a field missing or of the wrong type
+        raise CheckpointFormatError(f"{where} is not laid out as DCP's Metadata ({first_line(e)}); was it written "
+                                    "by torch.distributed.checkpoint.save?") from e
+    _optimizer_keys(state)  # the parameter indices as they were saved: load_state_dict ignores "0"
+    # DCP's own metadata classes always stand in: list only what the values (or odd metadata) named
+    return state, sorted(blobs.names | {n for n in names if not n.startswith("torch.distributed.checkpoint.")})
+
+
+def write_dcp(state: dict, directory: str | os.PathLike) -> None:
+    """dcp.save `state` (nested dicts of tensors and plain values) from this one process, atomically.
+
+    Written into a hidden sibling and renamed into place: a failed write leaves nothing under `directory`.
+    """
+    import torch.distributed.checkpoint as dcp  # here: importing it costs every entry point ~0.6 s
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    directory = Path(directory)
+    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
+        raise CheckpointWriteError(f"{directory} already exists and is not an empty directory; DCP writes a "
+                                   "directory of its own: pass a new path, or remove the old one first")
+    tmp = directory.with_name(f".{directory.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")  # dot: never a checkpoint
+    try:
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        with warnings.catch_warnings():  # "assuming ... a single process": that is the point
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            # no_dist: no collectives even where a process group exists, as only the caller's rank writes
+            dcp.save(state, checkpoint_id=tmp, no_dist=True)
+        os.rename(tmp, directory)  # replaces an empty directory; fails rather than touch a filled one
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        # DCP wraps every failure in CheckpointException, a BaseException: name the real one inside it
+        cause = next(iter(e.failures.values()))[0] if isinstance(e, CheckpointException) and e.failures else e
+        if not isinstance(cause, Exception):  # Ctrl-C etc.: clean up but don't disguise it
+            raise
+        hint = "check free space and write permissions" if isinstance(cause, OSError) else \
+            "keep the state to tensors and plain Python values"
+        raise CheckpointWriteError(f"could not write DCP checkpoint {directory}: {first_line(cause)}; {hint} "
+                                   "(nothing was left under that name)") from e
+    fd = os.open(directory.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # the rename itself survives a crash
+    finally:
+        os.close(fd)
