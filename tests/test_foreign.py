@@ -319,3 +319,22 @@ def test_builtins_in_a_pickle_are_refused(tmp_path, callable_name):
     torch.save({"state_dict": build("fastnet_small").state_dict(), "x": Evil()}, tmp_path / "e.pt")
     with pytest.raises(checkpoint.UntrustedPickleError, match=f"builtins.{callable_name}"):
         checkpoint.load_weights(tmp_path / "e.pt")
+
+
+def test_resume_from_our_checkpoint_converted_to_dcp(tmp_path):
+    common = ["--dataset", "synthetic", "--synthetic-size", "64", "--batch-size", "32", "--model", "fastnet_small",
+              "--logdir", str(tmp_path / "runs")]
+    first = run_module(["ddp.train", *common, "--epochs", "1", "--checkpoint-dir", str(tmp_path / "a")], tmp_path)
+    assert first.returncode == 0, first.stderr
+    ours = tmp_path / "a" / "latest.pt"
+    assert cli_main(["convert", str(ours), str(tmp_path / "dcp"), "--to", "dcp"]) == 0
+    saved, back = checkpoint.load_checkpoint(ours, "cpu"), checkpoint.read_checkpoint(tmp_path / "dcp").obj
+    assert back["format"] == checkpoint.FORMAT and back["progress"] == saved["progress"]
+    assert_same(back["model"], saved["model"])
+    assert torch.equal(back["rng"]["torch"], saved["rng"]["torch"])
+    for index, state in saved["optimizer"]["state"].items():
+        assert torch.equal(back["optimizer"]["state"][index]["momentum_buffer"], state["momentum_buffer"])
+    resumed = run_module(["ddp.train", *common, "--epochs", "2", "--resume", str(tmp_path / "dcp"),
+                          "--checkpoint-dir", str(tmp_path / "b")], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed from {tmp_path / 'dcp'}: epoch 1" in resumed.stdout and "epoch 2/2" in resumed.stdout

@@ -68,13 +68,18 @@ def _training_state(obj: Any) -> dict[str, Any]:
     def state_dict(value: Any) -> Any:
         return value if isinstance(value, Mapping) else None
 
-    optimizer = _first(obj, ("optimizer", "optimizer_state_dict", "optim", "opt"),
+    def single(key: str) -> dict:  # Lightning keeps lists: optimizer_states, lr_schedulers
+        value = obj.get(key)
+        return {key: value[0]} if isinstance(value, list) and len(value) == 1 else {}
+
+    obj = {**obj, **single("optimizer_states"), **single("lr_schedulers")}
+    optimizer = _first(obj, ("optimizer", "optimizer_state_dict", "optim", "opt", "optimizer_states"),
                        lambda v: v if isinstance(v, Mapping) and "param_groups" in v else None)
     epoch, step = _first(obj, ("epoch", "epochs"), _num), _first(obj, ("step", "global_step", "iteration"), _num)
     best = _first(obj, ("best_acc", "best_acc1", "best_prec1", "best_top1", "best_accuracy"), _num)
     config = {"model": obj["model_name"], "num_classes": obj["num_classes"]} if "model_name" in obj else {}
     return {"optimizer": optimizer,
-            "scheduler": _first(obj, ("scheduler", "lr_scheduler", "scheduler_state_dict"), state_dict),
+            "scheduler": _first(obj, ("scheduler", "lr_scheduler", "scheduler_state_dict", "lr_schedulers"), state_dict),
             "scaler": _first(obj, ("scaler", "grad_scaler", "scaler_state_dict"), state_dict),
             "lookahead": None,
             "progress": {"epoch": int(_num(epoch) or 0), "step": int(_num(step) or 0), "batch_in_epoch": 0},
