@@ -10,6 +10,7 @@ ranks meet in DDP's gradient all-reduce and in a few small collectives (logging,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -99,6 +100,22 @@ def init_from(args: argparse.Namespace, model: nn.Module, ctx: Context) -> None:
 
 
 def train(args: argparse.Namespace, ctx: Context) -> dict[str, float]:
+    """Train while rank 0 holds --checkpoint-dir's lock: a second run there stops on every rank, having read nothing."""
+    with contextlib.ExitStack() as held:
+        def lock() -> None:
+            run_lock = held.enter_context(checkpoint.hold_run_lock(args.checkpoint_dir))
+            if run_lock.removed:  # what writers killed mid-save left behind; never a checkpoint's real name
+                log(f"removed {len(run_lock.removed)} stale temporary file(s) from {args.checkpoint_dir}/: "
+                    f"{', '.join(run_lock.removed)}")
+            if not run_lock.locked:
+                log(f"warning: {args.checkpoint_dir}/ is not locked ({checkpoint.NO_LOCK_ENV}=1): make sure no "
+                    "other run uses it")
+
+        run_and_agree(lock, here=ctx.is_main, device=ctx.device)  # a refusal ends every rank, none waits
+        return _train(args, ctx)
+
+
+def _train(args: argparse.Namespace, ctx: Context) -> dict[str, float]:
     torch.manual_seed(args.seed)  # the same initial weights everywhere (DDP also broadcasts rank 0's)
     train_x, train_y, test_x, test_y = load_datasets(args, ctx)
     if args.dataset == "synthetic":

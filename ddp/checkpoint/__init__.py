@@ -5,6 +5,7 @@ write is readable with torch.load(weights_only=True): tensors and plain Python t
 
     dcp.py     DCP directories (torch.distributed.checkpoint) read whole without unpickling, written atomically
     keys.py    unwrap DDP/compile, strip/remap prefixes, diff keys against a model, load with a report
+    lock.py    one run per checkpoint directory: rank 0's lock on DIR/.lock, stale temp files removed
     files.py   atomic save, safe load with one-line errors, the layouts other tools write
     state.py   the full training-state dict, RNG, the checkpoint directory (latest/best/epoch files)
     __main__   python -m ddp.checkpoint {inspect,export,convert}
@@ -15,6 +16,7 @@ from ddp.checkpoint.errors import (
     CheckpointCorruptError,
     CheckpointError,
     CheckpointFormatError,
+    CheckpointLockedError,
     CheckpointMismatchError,
     CheckpointWriteError,
     DamagedCheckpointWarning,
@@ -43,6 +45,7 @@ from ddp.checkpoint.keys import (
     strip_wrapper_prefixes,
     unwrap_model,
 )
+from ddp.checkpoint.lock import LOCK_NAME, NO_LOCK_ENV, RunLock, hold_run_lock
 from ddp.checkpoint.state import (
     capture_rng,
     epoch_checkpoint_name,
@@ -57,21 +60,26 @@ __all__ = [
     "BEST_NAME",
     "FORMAT",
     "LATEST_NAME",
+    "LOCK_NAME",
+    "NO_LOCK_ENV",
     "WEIGHTS_FORMAT",
     "WRAPPER_PREFIXES",
     "CheckpointCorruptError",
     "CheckpointError",
     "CheckpointFormatError",
+    "CheckpointLockedError",
     "CheckpointMismatchError",
     "CheckpointWriteError",
     "DamagedCheckpointWarning",
     "KeyDiff",
+    "RunLock",
     "UntrustedPickleError",
     "capture_rng",
     "detect_prefixes",
     "diff_state",
     "epoch_checkpoint_name",
     "extract_model_state",
+    "hold_run_lock",
     "is_dcp_directory",
     "load_checkpoint",
     "load_into",

@@ -36,6 +36,10 @@ class CheckpointWriteError(CheckpointError, OSError):
     """Saving failed; whatever was at the destination before is untouched."""
 
 
+class CheckpointLockedError(CheckpointError):
+    """Another run holds the checkpoint directory's lock; the message names it."""
+
+
 class DamagedCheckpointWarning(UserWarning):
     """A checkpoint file was skipped because it is unreadable; an older one is used instead."""
 
