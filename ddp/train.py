@@ -66,8 +66,8 @@ def find_resume_checkpoint(args: argparse.Namespace, ctx: Context) -> tuple[Path
     """The checkpoint to resume from, loaded onto this rank's device, per --resume; None to start fresh."""
     if args.resume == "none":
         return None
-    if args.resume not in ("auto", "latest"):
-        return Path(args.resume), checkpoint.load_checkpoint(args.resume, map_location=ctx.device)
+    if args.resume not in ("auto", "latest"):  # any file or directory the one reader knows (a DCP copy, say)
+        return Path(args.resume), checkpoint.read_checkpoint(args.resume, map_location=ctx.device).obj
     latest = Path(args.checkpoint_dir) / checkpoint.LATEST_NAME
     if args.resume == "latest":
         return latest, checkpoint.load_checkpoint(latest, map_location=ctx.device)
@@ -92,10 +92,14 @@ def position(epoch: int, batch_in_epoch: int) -> str:
 
 
 def init_from(args: argparse.Namespace, model: nn.Module, ctx: Context) -> None:
-    """--init-from: weights only, prefixes remapped, loaded non-strictly, with a report of what fit."""
-    state = checkpoint.load_model_state(args.init_from, map_location=ctx.device)
-    state = checkpoint.remap_prefixes(state, [checkpoint.parse_remap(rule) for rule in args.remap])
-    diff = checkpoint.load_state_into(model, state, strict=False)
+    """--init-from: one weight set, prefixes remapped and aligned, loaded non-strictly, with a report.
+
+    Refuses (on every rank: each reads the file itself) when less than --min-match of the parameters fit.
+    """
+    weights = checkpoint.load_weights(args.init_from, map_location=ctx.device, checkpoint_key=args.checkpoint_key)
+    state = checkpoint.remap_prefixes(weights.state, [checkpoint.parse_remap(rule) for rule in args.remap])
+    diff = checkpoint.load_state_into(model, state, strict=False, min_match=args.min_match)
+    log(f"--init-from {args.init_from}: {weights.layout}" + (f"; {weights.note}" if weights.note else ""))
     log(diff.report(f"--init-from {args.init_from}"))
 
 
@@ -171,27 +175,46 @@ def _train(args: argparse.Namespace, ctx: Context) -> dict[str, float]:
     if epoch >= args.epochs:
         log(f"nothing to do: the checkpoint has {epoch} epochs and --epochs is {args.epochs}")
 
-    def save(*names: str) -> None:
-        """Rank 0 writes the files; all ranks learn whether it worked (a failed write stops every rank)."""
-        def write() -> None:
-            ckpt = checkpoint.make_checkpoint(
-                model, optimizer, scheduler, scaler, lookahead,
-                progress={"epoch": epoch, "step": step, "batch_in_epoch": batch_in_epoch},
-                metrics=metrics, config={**config.to_dict(args), "num_classes": data.NUM_CLASSES},
-                world_size=ctx.world_size, device_type=ctx.device.type)
-            checkpoint.save_checkpoint(ckpt, *(Path(args.checkpoint_dir) / name for name in names))
-            checkpoint.prune_epoch_checkpoints(args.checkpoint_dir, args.keep)  # now: the new file is written
+    writer = checkpoint.BackgroundWriter()  # rank 0's: one checkpoint write at a time, off the training thread
+    unchecked = False  # on every rank: a background write went off and no collective has reported on it yet
 
-        if names:
-            run_and_agree(write, here=ctx.is_main, device=ctx.device)
+    def save(*names: str, wait: bool = False) -> None:
+        """Rank 0 copies the state to the CPU, the only part training waits for, and writes `names` in the background.
+
+        Every rank learns here whether the previous write worked (a failed write stops every rank), and with
+        `wait` (the run's last save, a save before stopping) whether this one did.
+        """
+        nonlocal unchecked
+        if not names and not unchecked:
+            return
+
+        def write() -> None:
+            writer.wait()  # never two writes in flight; raises the previous write's error
+            if names:
+                ckpt = checkpoint.cpu_copy(checkpoint.make_checkpoint(
+                    model, optimizer, scheduler, scaler, lookahead,
+                    progress={"epoch": epoch, "step": step, "batch_in_epoch": batch_in_epoch},
+                    metrics=metrics, config={**config.to_dict(args), "num_classes": data.NUM_CLASSES},
+                    world_size=ctx.world_size, device_type=ctx.device.type))
+                paths = [Path(args.checkpoint_dir) / name for name in names]
+
+                def write_files() -> None:
+                    checkpoint.save_checkpoint(ckpt, *paths)
+                    checkpoint.prune_epoch_checkpoints(args.checkpoint_dir, args.keep)  # now: the new file is written
+
+                writer.submit(write_files)
+            if wait:
+                writer.wait()
+
+        run_and_agree(write, here=ctx.is_main, device=ctx.device)
+        unchecked = bool(names) and not wait
 
     def stop_if_asked(latest_is_saved: bool = False) -> None:
         """At a step boundary: if any rank got a stop signal, or --stop-at-step is reached, save and stop."""
         received = stop_signals.agree(ctx.device)
         if not received and step != args.stop_at_step:
             return
-        if not latest_is_saved:
-            save(checkpoint.LATEST_NAME)
+        save(*([] if latest_is_saved else [checkpoint.LATEST_NAME]), wait=True)  # on disk before we stop
         log(f"stopping at {position(epoch, batch_in_epoch)}, step {step} ({received or '--stop-at-step'}): saved "
             f"{args.checkpoint_dir}/{checkpoint.LATEST_NAME}; run again with --resume auto to continue")
         raise Stopped(received)
@@ -255,17 +278,22 @@ def _train(args: argparse.Namespace, ctx: Context) -> dict[str, float]:
             periodic = epoch % args.save_every == 0 or epoch == args.epochs
             if periodic:
                 files += [checkpoint.epoch_checkpoint_name(epoch), checkpoint.LATEST_NAME]
-            save(*files)
+            save(*files, wait=epoch == args.epochs)  # the run's last save is on disk before train() returns
             epoch_time = time.perf_counter() - t0
             images_per_sec = (steps_per_epoch - first_batch) * args.batch_size / train_time
             monitor.scalars(step, {"perf/images_per_sec": images_per_sec, "perf/epoch_time_s": epoch_time})
             log(f"{line} | {images_per_sec:.0f} img/s | {epoch_time:.1f}s")
             if epoch < args.epochs:
                 stop_if_asked(latest_is_saved=periodic)
+        save(wait=True)  # nothing is left in flight (already so after the last epoch's save)
     except Stopped as stop:
         if stop.signal_name:
             raise  # main() exits with PREEMPTED_EXIT_CODE
     finally:
+        try:  # leaving with an error: a write in flight still finishes; if it fails too, say so
+            writer.wait()
+        except Exception as e:  # noqa: BLE001 -- the error already on its way out is the one to raise
+            log(f"error: {e}")
         monitor.close()
     return metrics
 

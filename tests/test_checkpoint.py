@@ -10,9 +10,13 @@ import json
 import os
 import pickle
 import random
+import struct
 import subprocess
 import sys
+import threading
+import time
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -24,12 +28,14 @@ from conftest import retag_storages
 from ddp.checkpoint import (
     FORMAT,
     WEIGHTS_FORMAT,
+    BackgroundWriter,
     CheckpointCorruptError,
     CheckpointFormatError,
     CheckpointMismatchError,
     CheckpointWriteError,
     UntrustedPickleError,
     capture_rng,
+    cpu_copy,
     detect_prefixes,
     diff_state,
     epoch_checkpoint_name,
@@ -37,8 +43,8 @@ from ddp.checkpoint import (
     load_checkpoint,
     load_into,
     load_model_state,
-    load_weights,
     load_state_into,
+    load_weights,
     make_checkpoint,
     newest_valid_checkpoint,
     parse_remap,
@@ -156,6 +162,96 @@ def test_failed_save_keeps_previous_file_and_no_temp(tmp_path):
     assert isinstance(err.value, OSError) and "\n" not in str(err.value)
     assert_same_state(load_checkpoint(path, "cpu")["model"], good["model"])
     assert [p.name for p in tmp_path.iterdir()] == ["latest.pt"]
+
+
+def test_extra_names_are_hard_links_that_part_when_one_is_saved_again(tmp_path):
+    first, second = {"w": torch.arange(10.0)}, {"w": -torch.arange(10.0)}
+    names = [tmp_path / n for n in ("best.pt", "epoch_0001.pt", "latest.pt")]
+    save_checkpoint(first, *names)
+    assert len({p.stat().st_ino for p in names}) == 1 and names[0].stat().st_nlink == 3  # written once
+    held = load_checkpoint(names[2], "cpu")["w"]  # mapped from the file that is about to be replaced
+    save_checkpoint(second, names[2])
+    assert torch.equal(load_checkpoint(names[2], "cpu")["w"], second["w"])
+    for path in names[:2]:
+        assert torch.equal(load_checkpoint(path, "cpu")["w"], first["w"]) and path.stat().st_nlink == 2
+    assert torch.equal(held, first["w"])  # what was loaded never changes under its holder
+    assert leftover_temp_files(tmp_path) == []
+
+
+def test_extra_name_on_another_file_system_is_a_copy(tmp_path):
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("needs /dev/shm on another file system than tmp_path")
+    other = shm / f"ddp-cifar-test-{os.getpid()}.pt"
+    try:
+        save_checkpoint({"w": torch.ones(3)}, tmp_path / "a.pt", other)  # os.link fails with EXDEV: copied
+        assert other.read_bytes() == (tmp_path / "a.pt").read_bytes()
+        assert torch.equal(load_checkpoint(other, "cpu")["w"], torch.ones(3))
+        assert not [p for p in shm.iterdir() if p.name.startswith(f".{other.name}.")]
+    finally:
+        other.unlink(missing_ok=True)
+
+
+def test_crc_check_catches_a_flipped_byte_inside_a_tensor_record(tmp_path):
+    path = tmp_path / "w.pt"
+    save_checkpoint({"w": torch.arange(4096.0)}, path)
+    with zipfile.ZipFile(path) as archive:
+        record = next(r for r in archive.infolist() if r.filename.endswith("/data/0"))
+    data = bytearray(path.read_bytes())
+    name_length, extra_length = struct.unpack_from("<HH", data, record.header_offset + 26)
+    data[record.header_offset + 30 + name_length + extra_length + record.file_size // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointCorruptError, match=r"w.pt is corrupted: record \S+/data/0 fails its CRC32"):
+        load_checkpoint(path, "cpu")
+
+
+def test_cpu_copy_is_independent_of_the_live_state():
+    model = tiny_model()
+    state = {"model": model.state_dict(), "rng": [torch.ones(2), 3], "note": {"lr": 0.1}}
+    copied = cpu_copy(state)
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    state["note"]["lr"] = 0.2
+    assert not torch.equal(copied["model"]["0.weight"], model[0].weight)
+    assert type(copied["model"]) is type(state["model"]) and copied["note"] == {"lr": 0.1}
+    assert torch.equal(copied["rng"][0], torch.ones(2)) and copied["rng"][1] == 3
+
+
+def test_background_writer_runs_one_write_at_a_time():
+    writer, lock, running, most = BackgroundWriter(), threading.Lock(), [0], [0]
+
+    def write() -> None:
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.05)
+        with lock:
+            running[0] -= 1
+
+    writer.submit(write)
+    assert writer.busy  # submit() returned while the write goes on
+    for _ in range(3):
+        writer.submit(write)  # waits for the one before
+    writer.wait()
+    assert most == [1] and not writer.busy
+
+
+def test_background_write_failure_is_raised_by_the_next_wait_or_submit(tmp_path):
+    (tmp_path / "not_a_dir").write_text("a file where the checkpoint directory should be")
+    writer = BackgroundWriter()
+
+    def failing() -> None:
+        save_checkpoint({"w": torch.ones(3)}, tmp_path / "not_a_dir" / "latest.pt")
+
+    writer.submit(failing)
+    with pytest.raises(CheckpointWriteError, match="could not write checkpoint .*not_a_dir/latest.pt"):
+        writer.wait()
+    writer.wait()  # raised once, then forgotten
+    writer.submit(failing)
+    with pytest.raises(CheckpointWriteError, match="not_a_dir/latest.pt"):
+        writer.submit(lambda: None)  # the next save learns of it before it starts
+    writer.wait()
+    assert (tmp_path / "not_a_dir").read_text().startswith("a file")
 
 
 def test_missing_file(tmp_path):

@@ -31,7 +31,7 @@ def trained(tmp_path_factory) -> Path:
 
 def test_checkpoint_files_and_contents(trained):
     folder = trained / "checkpoints"
-    assert sorted(p.name for p in folder.iterdir()) == ["best.pt", "epoch_0001.pt", "epoch_0002.pt", "latest.pt"]
+    assert sorted(p.name for p in folder.iterdir()) == [".lock", "best.pt", "epoch_0001.pt", "epoch_0002.pt", "latest.pt"]
     ckpt = torch.load(folder / "latest.pt", weights_only=True)  # plain types and tensors only
     assert ckpt["format"] == checkpoint.FORMAT
     assert ckpt["progress"] == {"epoch": 2, "step": 16, "batch_in_epoch": 0}
@@ -104,7 +104,7 @@ def test_only_global_rank_0_writes_even_across_nodes(tmp_path):
     assert "world 2 x cpu (gloo)" in outputs[0] and "epoch 1/1" in outputs[0]
     assert "epoch 1/1" not in outputs[1]  # only global rank 0 prints
     assert sorted(p.name for p in (tmp_path / "node0" / "checkpoints").iterdir()) == [
-        "best.pt", "epoch_0001.pt", "latest.pt"]
+        ".lock", "best.pt", "epoch_0001.pt", "latest.pt"]
     assert not (tmp_path / "node1" / "checkpoints").exists() and not (tmp_path / "node1" / "runs").exists()
 
 
@@ -161,11 +161,11 @@ def test_user_errors_are_one_line_without_traceback(trained, tmp_path):
 
 
 def test_failed_save_on_rank_0_stops_every_rank(tmp_path):
-    (tmp_path / "not_a_dir").write_text("a file where the checkpoint directory should be")
+    (tmp_path / "ck" / "latest.pt").mkdir(parents=True)  # a directory where the checkpoint file should go
     result = run_module(["torchrun", "--standalone", "--nproc_per_node=2", "-m", "ddp.train", *SMALL,
-                         "--epochs", "2", "--checkpoint-dir", "not_a_dir"], cwd=tmp_path, timeout=120)
+                         "--epochs", "2", "--checkpoint-dir", "ck"], cwd=tmp_path, timeout=120)
     assert result.returncode != 0
-    assert re.search(r"error: could not write checkpoint not_a_dir/\w+\.pt: .*File exists", result.stdout)
+    assert re.search(r"error: could not write checkpoint ck/\w+\.pt: .*directory", result.stdout), result.stdout
     assert "[rank 1] error: another rank failed" in result.stderr
     assert "epoch 2/2" not in result.stdout
-    assert (tmp_path / "not_a_dir").read_text().startswith("a file")
+    assert (tmp_path / "ck" / "latest.pt").is_dir()

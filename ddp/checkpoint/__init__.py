@@ -6,7 +6,11 @@ write is readable with torch.load(weights_only=True): tensors and plain Python t
     dcp.py     DCP directories (torch.distributed.checkpoint) read whole without unpickling, written atomically
     keys.py    unwrap DDP/compile, strip/remap prefixes, diff keys against a model, load with a report
     lock.py    one run per checkpoint directory: rank 0's lock on DIR/.lock, stale temp files removed
-    files.py   atomic save, safe load with one-line errors, the layouts other tools write
+    files.py   atomic save, CRC-checked load of torch files with one-line errors
+    formats.py one reader for every format: torch zip/legacy, safetensors (single, sharded), DCP directories
+    unpickle.py  the allowlist for weights-only loads and the inert unpickler past it
+    weights.py the weight sets a file holds, picking one, loading it into a model
+    writer.py  background writes: a CPU copy of the state, then one write at a time on a thread
     state.py   the full training-state dict, RNG, the checkpoint directory (latest/best/epoch files)
     __main__   python -m ddp.checkpoint {inspect,export,convert}
 """
@@ -27,16 +31,14 @@ from ddp.checkpoint.files import (
     FORMAT,
     LATEST_NAME,
     WEIGHTS_FORMAT,
-    extract_model_state,
     load_checkpoint,
-    load_into,
-    load_model_state,
-    load_weights,
     save_checkpoint,
 )
+from ddp.checkpoint.formats import Loaded, read_checkpoint
 from ddp.checkpoint.keys import (
     WRAPPER_PREFIXES,
     KeyDiff,
+    align_prefixes,
     detect_prefixes,
     diff_state,
     load_state_into,
@@ -55,15 +57,27 @@ from ddp.checkpoint.state import (
     restore_checkpoint,
     restore_rng,
 )
+from ddp.checkpoint.weights import (
+    DEFAULT_MIN_MATCH,
+    Weights,
+    extract_model_state,
+    extract_weights,
+    load_into,
+    load_model_state,
+    load_weights,
+)
+from ddp.checkpoint.writer import BackgroundWriter, cpu_copy
 
 __all__ = [
     "BEST_NAME",
+    "DEFAULT_MIN_MATCH",
     "FORMAT",
     "LATEST_NAME",
     "LOCK_NAME",
     "NO_LOCK_ENV",
     "WEIGHTS_FORMAT",
     "WRAPPER_PREFIXES",
+    "BackgroundWriter",
     "CheckpointCorruptError",
     "CheckpointError",
     "CheckpointFormatError",
@@ -72,13 +86,18 @@ __all__ = [
     "CheckpointWriteError",
     "DamagedCheckpointWarning",
     "KeyDiff",
+    "Loaded",
     "RunLock",
     "UntrustedPickleError",
+    "Weights",
+    "align_prefixes",
     "capture_rng",
+    "cpu_copy",
     "detect_prefixes",
     "diff_state",
     "epoch_checkpoint_name",
     "extract_model_state",
+    "extract_weights",
     "hold_run_lock",
     "is_dcp_directory",
     "load_checkpoint",
@@ -90,6 +109,7 @@ __all__ = [
     "newest_valid_checkpoint",
     "parse_remap",
     "prune_epoch_checkpoints",
+    "read_checkpoint",
     "read_dcp",
     "remap_prefixes",
     "restore_checkpoint",

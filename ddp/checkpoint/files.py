@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import io
-import json
+import mmap
 import os
 import pickle
 import pickletools
 import re
 import secrets
+import shutil
+import struct
 import zipfile
-from collections.abc import Callable, Mapping
+import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
 import torch
-from torch import nn
 
 from ddp.checkpoint.errors import (
     CheckpointCorruptError,
@@ -27,13 +28,11 @@ from ddp.checkpoint.errors import (
     UntrustedPickleError,
     first_line,
 )
-from ddp.checkpoint.keys import KeyDiff, load_state_into, strip_wrapper_prefixes, unwrap_model
 
 FORMAT = "ddp-cifar/1"
 WEIGHTS_FORMAT = "ddp-cifar-weights/1"
 LATEST_NAME = "latest.pt"
 BEST_NAME = "best.pt"
-STATE_KEYS = ("model", "state_dict", "model_state_dict", "net", "module")  # where other projects put weights
 
 
 def _write_hint(e: BaseException) -> str:
@@ -57,39 +56,114 @@ def _fsync_dir(directory: Path) -> None:
             os.close(fd)
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any], what: str = "checkpoint") -> None:
-    """Write via a temp file in the same directory, fsync, rename: readers never see a partial file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")  # dot: never a checkpoint
+def _temp_name(path: Path) -> Path:
+    # dot: never a checkpoint; the shape is what lock.TEMP_FILE recognises as a killed writer's leftover
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+class _WritebackFile:
+    """A file whose every few MB written are handed to the disk at once (the kernel starts writing them back).
+
+    The disk then works while the rest is serialised, and the closing fsync has little left to wait for
+    (134 MB here: 38 ms -> 5 ms). On Linux posix_fadvise(DONTNEED) starts that writeback (Python has no
+    sync_file_range); it may also drop pages already written, which a just-saved checkpoint can spare.
+    """
+
+    EVERY = 16 << 20
+
+    def __init__(self, f: IO[bytes]):
+        self._f, self._written, self._started = f, 0, 0
+
+    def write(self, data: Any) -> int:
+        n = self._f.write(data)
+        self._written += n
+        if self._written - self._started >= self.EVERY and hasattr(os, "posix_fadvise"):
+            self._f.flush()
+            with contextlib.suppress(OSError):  # only a hint: the fsync below makes it durable either way
+                os.posix_fadvise(self._f.fileno(), self._started, self._written - self._started,
+                                 os.POSIX_FADV_DONTNEED)
+            self._started = self._written
+        return n
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._f, name)
+
+
+def _same_bytes(tmp: Path, path: Path) -> Path:
+    """A temp file for `path` with tmp's bytes: a hard link (nothing written), or a copy where links fail."""
+    other = _temp_name(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        os.link(tmp, other)
+    except OSError:  # another file system (EXDEV), or one without hard links (EPERM, EOPNOTSUPP, EMLINK)
+        with open(tmp, "rb") as src, open(other, "xb") as dst:
+            try:
+                shutil.copyfileobj(src, dst, 16 << 20)
+                dst.flush()
+                os.fsync(dst.fileno())
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(other)
+                raise
+    return other
+
+
+def _os_error_behind(e: BaseException) -> BaseException:
+    """The OSError that caused `e`, if any: torch.save reports a failed write (disk full) as a RuntimeError."""
+    cause: BaseException | None = e
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__cause__ or cause.__context__
+    return cause or e
+
+
+def _write_all(paths: list[Path], write: Callable[[IO[bytes]], Any], what: str = "checkpoint") -> None:
+    """Write the bytes once, fsync, then give them every name in `paths`, each atomically and in order.
+
+    The other names are hard links of the one written file (a copy where the file system refuses). A
+    failure leaves every name not yet replaced untouched, and no temp file behind.
+    """
+    temps: list[Path] = []
+    current = paths[0]  # what the error message names
+    try:
+        for path in paths:
+            current = path
+            path.parent.mkdir(parents=True, exist_ok=True)
+        current = paths[0]
+        tmp = _temp_name(paths[0])
         with open(tmp, "xb") as f:
-            write(f)
+            temps.append(tmp)
+            write(_WritebackFile(f))
             f.flush()
-            os.fsync(f.fileno())  # the bytes are on disk before the name points at them
-        os.replace(tmp, path)  # atomic on POSIX: the old file or the new one, never a mix
+            os.fsync(f.fileno())  # the bytes are on disk before any name points at them
+        for path in paths[1:]:
+            current = path
+            temps.append(_same_bytes(tmp, path))
+        for tmp_path, path in zip(temps, paths):
+            current = path
+            os.replace(tmp_path, path)  # atomic on POSIX: the old file or the new one, never a mix
     except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+        for tmp_path in temps:  # those already renamed are gone: nothing to do for them
+            with contextlib.suppress(OSError):
+                os.unlink(tmp_path)
         if not isinstance(e, Exception):  # Ctrl-C etc.: clean up but don't disguise it
             raise
-        raise CheckpointWriteError(f"could not write {what} {path}: {first_line(e)}; {_write_hint(e)} "
+        reason = _os_error_behind(e)
+        raise CheckpointWriteError(f"could not write {what} {current}: {first_line(reason)}; {_write_hint(reason)} "
                                    "(any previous file there is untouched)") from e
-    _fsync_dir(path.parent)
+    for directory in dict.fromkeys(path.parent for path in paths):  # makes the renames durable
+        _fsync_dir(directory)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any], what: str = "checkpoint") -> None:
+    """Write via a temp file in the same directory, fsync, rename: readers never see a partial file."""
+    _write_all([Path(path)], write, what)
 
 
 def save_checkpoint(obj: dict, path: str | os.PathLike, *more_paths: str | os.PathLike) -> None:
-    """torch.save atomically to `path` (and the same bytes to each of `more_paths`), one file at a time.
+    """torch.save atomically to `path`, and the same file under each of `more_paths` (hard links where possible).
 
-    Serialising once into memory makes latest.pt, best.pt and the epoch file cost one torch.save.
+    One torch.save straight into the file, however many names: latest.pt, best.pt and the epoch file cost one write.
     """
-    if not more_paths:
-        atomic_write(path, lambda f: torch.save(obj, f))
-        return
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    for p in (path, *more_paths):
-        atomic_write(p, lambda f: f.write(buffer.getbuffer()))
+    _write_all([Path(p) for p in (path, *more_paths)], lambda f: torch.save(obj, f))
 
 
 def _refused_global(e: BaseException) -> str | None:
@@ -139,25 +213,42 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any, *, trust_pickle:
         raise CheckpointCorruptError(f"{path} is empty (0 bytes), probably an interrupted write; "
                                      "delete it or pick another checkpoint")
     with open(path, "rb") as f:  # real I/O problems (e.g. permission denied) surface here, as themselves
-        _verify_crc32(f, path)
-        try:
-            return torch.load(f, map_location=map_location, weights_only=not trust_pickle)
+        mapped = _verify_crc32(f, path)
+        try:  # a checked zip is mapped, not read again: its tensors are copy-on-write views of the verified pages
+            return torch.load(_same_file(f, path) if mapped else f, map_location=map_location,
+                              weights_only=not trust_pickle, mmap=mapped)
         except Exception as e:  # from here on, torch choked on the bytes (a bad zip even shows up as OSError)
             raise _load_error(path, e, trust_pickle) from e
 
 
-def _verify_crc32(f: IO[bytes], path: Path) -> None:
+def _same_file(f: IO[bytes], path: Path) -> str | Path:
+    """A name for the open file itself (torch.load(mmap=True) wants a name): what was verified is what loads,
+    even if a save replaced `path` in between."""
+    proc = f"/proc/self/fd/{f.fileno()}"
+    return proc if os.path.exists(proc) else path
+
+
+def _verify_crc32(f: IO[bytes], path: Path) -> bool:
     """Check every record of a torch zip file against the CRC32 that torch.save stored for it.
 
-    torch.load does not check these, so a flipped bit in the tensor data would load silently.
-    Files that are not zips (the legacy torch format, other pickles) are left to torch.load.
+    torch.load does not check these, so a flipped bit in the tensor data would load silently. The check
+    reads the file through a memory map that torch.load(mmap=True) then shares, so the bytes are read
+    once; returns whether it did so. Files that are not zips (the legacy torch format, other pickles)
+    are left to torch.load.
     """
     if not zipfile.is_zipfile(f):
         f.seek(0)
-        return
+        return False
     try:
         with zipfile.ZipFile(f) as archive:
-            bad = archive.testzip()  # reads every record, compares its CRC32
+            records = archive.infolist()
+            stored = all(r.compress_type == zipfile.ZIP_STORED for r in records)  # torch.save never compresses
+            mapped = _map(f) if stored else None
+            if mapped is None:  # compressed records, or a file system that cannot map files: read and check
+                bad = archive.testzip()
+            else:
+                with mapped, memoryview(mapped) as data:
+                    bad = next((r.filename for r in records if _crc32(data, r) != r.CRC), None)
     except (zipfile.BadZipFile, OSError, EOFError) as e:
         raise CheckpointCorruptError(f"{path} is a damaged zip ({first_line(e, 120)}); delete it or pick "
                                      "another checkpoint") from e
@@ -165,6 +256,29 @@ def _verify_crc32(f: IO[bytes], path: Path) -> None:
         raise CheckpointCorruptError(f"{path} is corrupted: record {bad} fails its CRC32 check; delete it or "
                                      "pick another checkpoint")
     f.seek(0)
+    return mapped is not None
+
+
+def _map(f: IO[bytes]) -> mmap.mmap | None:
+    try:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except (OSError, ValueError):
+        return None
+    if hasattr(mmap, "MADV_SEQUENTIAL"):
+        mapped.madvise(mmap.MADV_SEQUENTIAL)  # read ahead eagerly: the check reads it all, front to back
+    return mapped
+
+
+def _crc32(data: memoryview, record: zipfile.ZipInfo) -> int:
+    """CRC32 of a stored record's bytes, found through its local header (whose extra field torch pads)."""
+    start = record.header_offset
+    if data[start:start + 4] != b"PK\x03\x04":
+        raise zipfile.BadZipFile(f"no local header for record {record.filename}")
+    name_length, extra_length = struct.unpack_from("<HH", data, start + 26)
+    begin = start + 30 + name_length + extra_length  # 30: the fixed part of a local header
+    if begin + record.compress_size > len(data):
+        raise zipfile.BadZipFile(f"record {record.filename} runs past the end of the file")
+    return zlib.crc32(data[begin:begin + record.compress_size])
 
 
 def _load_error(path: Path, e: Exception, trust_pickle: bool) -> CheckpointError:
@@ -186,81 +300,3 @@ def _load_error(path: Path, e: Exception, trust_pickle: bool) -> CheckpointError
                                      f"({first_line(e)}); run this where that code is importable")
     return CheckpointCorruptError(f"{path} is not a readable checkpoint (truncated, corrupted or not a torch "
                                   f"file: {first_line(e, 120)}); delete it or pick another file")
-
-
-def is_state_dict(obj: Any) -> bool:
-    return isinstance(obj, Mapping) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
-
-
-def find_model_state(obj: Any) -> tuple[str, Mapping[str, torch.Tensor]]:
-    """(layout description, raw model state) for every layout we recognise."""
-    if isinstance(obj, nn.Module):
-        return "pickled nn.Module", unwrap_model(obj).state_dict()
-    if not isinstance(obj, Mapping):
-        raise CheckpointFormatError(f"expected a dict or nn.Module in the file, found {type(obj).__name__}")
-    if "format" in obj:
-        if obj["format"] in (FORMAT, WEIGHTS_FORMAT):
-            return obj["format"], obj["model"]
-        raise CheckpointFormatError(f"unknown checkpoint format {obj['format']!r}; this code reads {FORMAT} and "
-                                    f"{WEIGHTS_FORMAT} (a newer ddp-cifar may have written it)")
-    if is_state_dict(obj):
-        return "bare state dict", obj
-    for key in STATE_KEYS:
-        value = obj.get(key)
-        if isinstance(value, nn.Module):
-            return f"pickled nn.Module under {key!r}", unwrap_model(value).state_dict()
-        if is_state_dict(value):
-            return f"state dict under {key!r}", value
-    keys = ", ".join(repr(k) for k in list(obj)[:20]) + (", ..." if len(obj) > 20 else "")
-    raise CheckpointFormatError(f"no model weights found; top-level keys are: {keys or '(none)'}. Expected a state "
-                                f"dict of tensors, or one under {', '.join(STATE_KEYS)}")
-
-
-def extract_model_state(obj: Any) -> dict[str, torch.Tensor]:
-    """The model state dict (wrapper prefixes stripped) from any recognised layout."""
-    return strip_wrapper_prefixes(find_model_state(obj)[1])
-
-
-def load_model_state(path: str | os.PathLike, map_location: Any = "cpu", *,
-                     trust_pickle: bool = False) -> dict[str, torch.Tensor]:
-    """Canonical model state dict from any recognised checkpoint file."""
-    return extract_model_state(load_checkpoint(path, map_location, trust_pickle=trust_pickle))
-
-
-def load_into(model: nn.Module, path: str | os.PathLike, strict: bool = True, *,
-              map_location: Any = None) -> KeyDiff:
-    """Load a checkpoint file's weights into `model` (by default onto the device of its first parameter)."""
-    if map_location is None:
-        param = next(unwrap_model(model).parameters(), None)
-        map_location = param.device if param is not None else "cpu"
-    return load_state_into(model, load_model_state(path, map_location), strict=strict)
-
-
-def load_weights(path: str | os.PathLike, map_location: Any = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(canonical model state, what it says about the model) from any checkpoint, export or state dict.
-
-    The second item holds `model_name` and `num_classes` where the file records them (our checkpoints
-    and exports, .safetensors exports); it is empty for foreign layouts.
-    """
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        if not path.is_file():
-            raise FileNotFoundError(f"checkpoint not found: {path}")
-        device = str(map_location) if map_location is not None else "cpu"
-        with safe_open(str(path), framework="pt", device=device) as f:
-            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 -- safe_open is not a Mapping
-            meta = dict(f.metadata() or {})
-        info = {"model_name": meta.get("model_name")} if meta.get("model_name") else {}
-        if "num_classes" in meta:
-            info["num_classes"] = json.loads(meta["num_classes"])
-        return strip_wrapper_prefixes(state), info
-    obj = load_checkpoint(path, map_location)
-    state = extract_model_state(obj)
-    if isinstance(obj, Mapping) and obj.get("format") == WEIGHTS_FORMAT:
-        return state, {"model_name": obj["model_name"], "num_classes": obj["num_classes"]}
-    if isinstance(obj, Mapping) and obj.get("format") == FORMAT:
-        config = obj.get("config") or {}
-        return state, {"model_name": config.get("model"), "num_classes": config.get("num_classes", 10)}
-    return state, {}
