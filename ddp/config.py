@@ -12,6 +12,7 @@ from ddp.models import MODELS
 from ddp.optim import AMP_CHOICES
 
 CIFAR10_TRAIN_SIZE = 50_000
+TTA_CHOICES = ["none", "flip", "full"]  # test-time augmentation: --tta of ddp.train and ddp.evaluate
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -37,20 +38,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = p.add_argument_group("training")
     train.add_argument("--model", default="fastnet", help=f"one of: {', '.join(MODELS)}")
-    train.add_argument("--epochs", type=int, default=10)
-    train.add_argument("--batch-size", type=int, default=1024,
+    train.add_argument("--epochs", type=int, default=8)
+    train.add_argument("--batch-size", type=int, default=2000,
                        help="GLOBAL batch size, split evenly across all ranks; it stays the same "
                        "when the number of processes changes")
-    train.add_argument("--lr", type=float, default=1.5, help="peak learning rate (of the batch-mean loss)")
-    train.add_argument("--momentum", type=float, default=0.85, help="Nesterov momentum")
-    train.add_argument("--weight-decay", type=float, default=1.33e-3)
+    train.add_argument("--optimizer", default="muon", choices=["muon", "sgd"],
+                       help="muon: Muon for the conv filters (--muon-lr, --muon-momentum), SGD for the rest "
+                       "(airbench94_muon); sgd: SGD for everything (airbench94)")
+    train.add_argument("--muon-lr", type=float, default=0.24, help="Muon's peak learning rate (conv filters)")
+    train.add_argument("--muon-momentum", type=float, default=0.6, help="Muon's Nesterov momentum")
+    train.add_argument("--lr", type=float, default=1.66,
+                       help="peak learning rate of the SGD-trained parameters (of the batch-mean loss)")
+    train.add_argument("--momentum", type=float, default=0.85, help="SGD's Nesterov momentum")
+    train.add_argument("--weight-decay", type=float, default=2.4e-3,
+                       help="of the SGD-trained parameters (Muon keeps the filters' norm fixed instead)")
     train.add_argument("--bn-bias-lr-scale", type=float, default=64.0,
                        help="learning-rate multiplier for BatchNorm biases (their weight decay is divided by "
                        "it, so they decay as fast as the rest)")
     train.add_argument("--label-smoothing", type=float, default=0.2)
-    train.add_argument("--warmup-epochs", type=float, default=2.0,
+    train.add_argument("--warmup-epochs", type=float, default=0.0,
                        help="linear warm-up from 0.2x to the peak LR, then linear decay to zero")
-    train.add_argument("--lookahead", action=argparse.BooleanOptionalAction, default=True,
+    train.add_argument("--whiten-bias-epochs", type=int, default=3,
+                       help="train the whitening layer's bias (LR decaying to zero) for this many epochs, then "
+                       "freeze it, which shortens the backward pass")
+    train.add_argument("--lookahead", action=argparse.BooleanOptionalAction, default=False,
                        help="every 5 steps, pull the weights toward a slow average of them (airbench's schedule)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--amp", nargs="?", const="bf16", default="auto", choices=AMP_CHOICES,
@@ -68,7 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="auto: nccl on CUDA, gloo on CPU")
     run.add_argument("--timeout-min", type=float, default=10.0,
                      help="collective timeout: a stuck rank ends the job after this long")
-    run.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (and at the end)")
+    run.add_argument("--eval-every", type=int, default=1,
+                     help="evaluate every N epochs, without test-time augmentation, and at the end with --tta")
+    run.add_argument("--tta", default="full", choices=TTA_CHOICES,
+                     help="test-time augmentation of the final evaluation: none; flip (an image and its "
+                     "mirror); full (airbench's 6 views: flips of the image and of its 1-pixel translations)")
     run.add_argument("--log-every", type=int, default=50, help="log train loss every N steps")
 
     ckpt = p.add_argument_group("checkpoints")
@@ -113,14 +128,14 @@ def validate(args: argparse.Namespace, world_size: int) -> str | None:
     for name in ["epochs", "batch_size", "eval_every", "log_every", "synthetic_size", "save_every"]:
         if getattr(args, name) < 1:
             return f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}"
-    for name in ["lr", "bn_bias_lr_scale", "timeout_min"]:
+    for name in ["lr", "muon_lr", "bn_bias_lr_scale", "timeout_min"]:
         if not getattr(args, name) > 0:
             return f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}"
-    for name in ["momentum", "label_smoothing"]:
+    for name in ["momentum", "muon_momentum", "label_smoothing"]:
         if not 0 <= getattr(args, name) < 1:
             return f"--{name.replace('_', '-')} must lie in [0, 1), got {getattr(args, name)}"
-    if args.weight_decay < 0 or args.warmup_epochs < 0:
-        return "--weight-decay and --warmup-epochs must not be negative"
+    if args.weight_decay < 0 or args.warmup_epochs < 0 or args.whiten_bias_epochs < 0:
+        return "--weight-decay, --warmup-epochs and --whiten-bias-epochs must not be negative"
     if args.batch_size < world_size:
         return f"--batch-size {args.batch_size} is smaller than the {world_size} processes; raise it"
     if args.batch_size % world_size:

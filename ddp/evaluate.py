@@ -14,29 +14,45 @@ import torch.nn.functional as F
 from torch import nn
 
 from ddp import checkpoint, data, models
-from ddp.config import OneLineParser
+from ddp.config import TTA_CHOICES, OneLineParser
 from ddp.dist import Context, all_reduce_sum, log, process_group
 from ddp.optim import AMP_CHOICES, autocast, autocast_dtype
 
 
+def tta_logits(model: nn.Module, x: torch.Tensor, tta: str) -> torch.Tensor:
+    """Float logits of a normalised batch, averaged over test-time views.
+
+    none: the image; flip: the image and its mirror; full (airbench's): half that, plus half the same
+    pair for each of the 1-pixel translations up-left and down-right (reflection padding), averaged.
+    """
+    if tta == "none":
+        return model(x).float()
+
+    def with_mirror(v: torch.Tensor) -> torch.Tensor:
+        return (model(v).float() + model(v.flip(3)).float()) / 2
+
+    logits = with_mirror(x)
+    if tta == "full":
+        padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+        h, w = x.shape[-2:]
+        logits = (logits + (with_mirror(padded[..., :h, :w]) + with_mirror(padded[..., 2:, 2:])) / 2) / 2
+    return logits
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, ctx: Context,
-             amp_dtype: torch.dtype | None = None, flip_tta: bool = True,
+             amp_dtype: torch.dtype | None = None, tta: str = "flip",
              batch_size: int = 1000) -> tuple[float, float]:
     """(loss, accuracy) over the whole set; rank r scores images r, r+N, ..., so each counts once.
 
-    Forward passes run under autocast to amp_dtype (None: float32). With flip_tta the logits are the
-    average over each image and its mirror image (test-time augmentation).
+    Forward passes run under autocast to amp_dtype (None: float32), over the views `tta` names.
     """
     model.eval()
     mine = torch.arange(ctx.rank, len(images), ctx.world_size, device=images.device)
     loss_sum, correct = 0.0, 0.0
     for idx in mine.split(batch_size):
-        x = data.normalize(images[idx])
         with autocast(ctx.device, amp_dtype):
-            logits = model(x).float()
-            if flip_tta:
-                logits = (logits + model(x.flip(3)).float()) / 2
+            logits = tta_logits(model, data.normalize(images[idx]), tta)
         loss_sum += F.cross_entropy(logits, labels[idx], reduction="sum").item()
         correct += (logits.argmax(1) == labels[idx]).sum().item()
     loss_sum, correct, count = all_reduce_sum([loss_sum, correct, len(mine)], ctx.device)
@@ -58,8 +74,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--synthetic-size", type=int, default=4096, help="as given to ddp.train")
     p.add_argument("--amp", default="auto", choices=AMP_CHOICES,
                    help="mixed precision, as for ddp.train (the same flag gives the trainer's accuracy)")
-    p.add_argument("--flip-tta", action=argparse.BooleanOptionalAction, default=True,
-                   help="average the logits of each image and its mirror image, as the trainer does")
+    p.add_argument("--tta", default="full", choices=TTA_CHOICES,
+                   help="test-time augmentation, as ddp.train's --tta (none, flip, full: 6 views)")
     args = p.parse_args(argv)
     with process_group(args.device) as ctx:
         try:
@@ -81,9 +97,9 @@ def main(argv: list[str] | None = None) -> None:
             log(f"error: {e}", every_rank=True)
             sys.exit(2)
         loss, acc = evaluate(model, images.to(ctx.device), labels.to(ctx.device), ctx,
-                             amp_dtype=autocast_dtype(args.amp, ctx.device), flip_tta=args.flip_tta)
+                             amp_dtype=autocast_dtype(args.amp, ctx.device), tta=args.tta)
         log(f"{args.checkpoint}: {name} on {len(images)} {args.dataset} test images | loss {loss:.4f} | "
-            f"accuracy {100 * acc:.2f}%{' with flip TTA' if args.flip_tta else ''} | "
+            f"accuracy {100 * acc:.2f}% ({args.tta} TTA) | "
             f"{ctx.world_size} x {ctx.device.type}")
 
 

@@ -1,10 +1,10 @@
-"""The optimisation recipe: SGD with parameter groups, the LR schedule, mixed precision and lookahead."""
+"""The optimisation recipe: Muon or SGD over parameter groups, the LR schedule, mixed precision and lookahead."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
@@ -12,30 +12,127 @@ from torch import nn
 from ddp.dist import log
 
 
-def build_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
-    """SGD with Nesterov momentum over the trained parameters; BatchNorm biases get a larger learning rate.
+@torch.no_grad()
+def orthogonalize(g: torch.Tensor, steps: int = 3, eps: float = 1e-7) -> torch.Tensor:
+    """Roughly U V^T of g = U S V^T, by a quintic Newton-Schulz iteration in bf16 (Muon's update direction).
 
-    Frozen parameters (requires_grad False, like fastnet's BatchNorm scales) are left out.
+    airbench94_muon's coefficients and 3 steps: the singular values end up between about 0.5 and 1.5,
+    not at 1, which trains as well and costs fewer matrix products.
     """
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g.bfloat16()
+    x = x / (x.norm() + eps)  # singular values <= 1, where the iteration converges
+    tall = x.size(0) > x.size(1)
+    if tall:
+        x = x.T
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return (x.T if tall else x).to(g.dtype)
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon for the groups marked `orthogonalize`, SGD with Nesterov momentum for the others: one optimizer.
+
+    One object, so that checkpoints, the LR scheduler and GradScaler see a single optimizer whose state
+    is a momentum buffer per parameter. An orthogonalised tensor (a conv filter bank) is flattened to
+    (out_channels, rest); before each step it is rescaled to norm sqrt(out_channels), as airbench94_muon
+    does, since its update has a fixed size whatever the gradient's. Weight decay applies to SGD groups.
+    """
+
+    def __init__(self, params: Iterable, lr: float, momentum: float, weight_decay: float = 0.0):
+        super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "orthogonalize": False})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                if group["weight_decay"] and not group["orthogonalize"]:
+                    g = g.add(p, alpha=group["weight_decay"])
+                buf = self.state[p].get("momentum_buffer")
+                if buf is None:
+                    buf = self.state[p]["momentum_buffer"] = g.clone()
+                else:
+                    buf.mul_(group["momentum"]).add_(g)
+                g = g.add(buf, alpha=group["momentum"])  # Nesterov
+                if group["orthogonalize"]:
+                    p.mul_(p.size(0) ** 0.5 / p.norm())
+                    g = orthogonalize(g.reshape(len(g), -1)).view_as(p)
+                p.add_(g, alpha=-group["lr"])
+        return loss
+
+
+def build_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
+    """--optimizer over named parameter groups: conv filters (Muon's), BatchNorm biases, the whitening bias, the rest.
+
+    BatchNorm biases and the whitening bias train at --bn-bias-lr-scale times the LR, with the weight decay
+    divided by it (the decay per step stays the same). With SGD the filters are part of "other". Frozen
+    parameters (requires_grad False, like fastnet's BatchNorm scales) are left out.
+    """
+    muon = args.optimizer == "muon"
     bn_biases = {id(m.bias) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine}
+    whiten = getattr(model, "whiten", None)
+    whiten_bias = {id(whiten.bias)} if isinstance(whiten, nn.Conv2d) and whiten.bias is not None else set()
     trained = [p for p in model.parameters() if p.requires_grad]
     scale = args.bn_bias_lr_scale
-    groups = [{"params": [p for p in trained if id(p) not in bn_biases]},
-              {"params": [p for p in trained if id(p) in bn_biases], "lr": args.lr * scale,
-               "weight_decay": args.weight_decay / scale}]  # lr x weight decay: the decay per step stays the same
+    biases = {"lr": args.lr * scale, "weight_decay": args.weight_decay / scale}
+    groups = [
+        {"name": "filters", "params": [p for p in trained if muon and p.ndim == 4], "orthogonalize": True,
+         "lr": args.muon_lr, "momentum": args.muon_momentum, "weight_decay": 0.0},
+        {"name": "other", "params": [p for p in trained if not (muon and p.ndim == 4)
+                                     and id(p) not in bn_biases | whiten_bias]},
+        {"name": "bn_biases", "params": [p for p in trained if id(p) in bn_biases], **biases},
+        {"name": "whiten_bias", "params": [p for p in trained if id(p) in whiten_bias], **biases},
+    ]
+    groups = [g for g in groups if g["params"]]  # with SGD, "filters" is empty
+    if muon:
+        return Muon(groups, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=args.momentum > 0,
                            weight_decay=args.weight_decay)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
-    """Per-step schedule: linear warm-up from 0.2x to the peak LR, then linear decay to zero."""
+def build_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,
+                    whiten_bias_steps: int | None = None):
+    """Per-step schedule: linear warm-up from 0.2x to the peak LR, then linear decay to zero.
+
+    The group named "whiten_bias" instead decays linearly to zero over its first `whiten_bias_steps`
+    (after which the trainer freezes it, see `freeze_whiten_bias`).
+    """
 
     def factor(step: int) -> float:
         if step < warmup_steps:
             return 0.2 + 0.8 * step / warmup_steps
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    def whiten_factor(step: int) -> float:
+        return max(0.0, 1 - step / max(1, whiten_bias_steps))
+
+    use_whiten = whiten_bias_steps is not None
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, [
+        whiten_factor if use_whiten and g.get("name") == "whiten_bias" else factor for g in optimizer.param_groups])
+
+
+def freeze_whiten_bias(model: nn.Module, epoch: int, whiten_bias_epochs: int) -> bool:
+    """Train the whitening layer's bias for the first `whiten_bias_epochs` only; True if this call changed it.
+
+    Its LR has decayed to zero by then; frozen, it needs no gradient, so the backward pass stops at the
+    first conv group (a few percent of a step). DDP hooks the parameters that train when it is built:
+    rebuild it when this returns True.
+    """
+    whiten = getattr(model, "whiten", None)
+    if not isinstance(whiten, nn.Conv2d) or whiten.bias is None:
+        return False
+    trains = epoch < whiten_bias_epochs
+    changed = whiten.bias.requires_grad != trains
+    whiten.bias.requires_grad_(trains)
+    return changed
 
 
 AMP_CHOICES = ["auto", "none", "bf16", "fp16"]  # --amp of ddp.train and ddp.evaluate

@@ -35,14 +35,15 @@ from ddp.dist import (
 )
 from ddp.evaluate import evaluate
 from ddp.monitor import Monitor
-from ddp.optim import Lookahead, autocast, autocast_dtype, build_optimizer, build_scheduler
+from ddp.optim import Lookahead, autocast, autocast_dtype, build_optimizer, build_scheduler, freeze_whiten_bias
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by a signal after saving; run again to continue
 STOP_CHECK_EVERY = 10  # steps between checks for a stop signal: each check is a (tiny) collective
 
 # Flags that change what is trained: on resume, a difference from the checkpoint's is pointed out.
-RECIPE_FLAGS = ["dataset", "model", "epochs", "batch_size", "lr", "momentum", "weight_decay", "bn_bias_lr_scale",
-                "label_smoothing", "warmup_epochs", "lookahead", "seed", "amp"]
+RECIPE_FLAGS = ["dataset", "model", "epochs", "batch_size", "optimizer", "muon_lr", "muon_momentum", "lr", "momentum",
+                "weight_decay", "bn_bias_lr_scale", "label_smoothing", "warmup_epochs", "whiten_bias_epochs",
+                "lookahead", "seed", "amp"]
 
 
 class Stopped(Exception):
@@ -139,7 +140,8 @@ def _train(args: argparse.Namespace, ctx: Context) -> dict[str, float]:
     steps_per_epoch = len(train_x) // args.batch_size
     total_steps = args.epochs * steps_per_epoch
     optimizer = build_optimizer(model, args)
-    scheduler = build_scheduler(optimizer, round(args.warmup_epochs * steps_per_epoch), total_steps)
+    scheduler = build_scheduler(optimizer, round(args.warmup_epochs * steps_per_epoch), total_steps,
+                                args.whiten_bias_epochs * steps_per_epoch)
     lookahead = Lookahead(model, total_steps) if args.lookahead else None
     amp_dtype = autocast_dtype(args.amp, ctx.device)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=amp_dtype == torch.float16)  # bf16 needs no scaling
@@ -163,8 +165,13 @@ def _train(args: argparse.Namespace, ctx: Context) -> dict[str, float]:
         if changed:
             log(f"note: flags changed since the checkpoint: {', '.join(changed)}")
 
-    ddp_model = DDP(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
-    train_model = torch.compile(ddp_model) if args.compile else ddp_model
+    def wrap(model: nn.Module) -> nn.Module:
+        """DDP (hooked on the parameters that train now), compiled with --compile."""
+        ddp_model = DDP(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+        return torch.compile(ddp_model) if args.compile else ddp_model
+
+    freeze_whiten_bias(model, epoch, args.whiten_bias_epochs)
+    train_model = wrap(model)
 
     log(f"world {ctx.world_size} x {ctx.device.type} ({ctx.backend}) | {args.model}: "
         f"{sum(p.numel() for p in model.parameters()):,} parameters "
@@ -225,6 +232,8 @@ def _train(args: argparse.Namespace, ctx: Context) -> dict[str, float]:
     train_loss = math.nan  # until the first logged step (a resumed epoch may have no steps left)
     try:
         while epoch < args.epochs:
+            if freeze_whiten_bias(model, epoch, args.whiten_bias_epochs):
+                train_model = wrap(model)
             order = data.shard_epoch(len(train_x), args.batch_size, ctx.world_size, ctx.rank, args.seed, epoch)
             flips = data.epoch_flips(len(train_x), args.seed, epoch).to(ctx.device)
             model.train()
@@ -269,12 +278,13 @@ def _train(args: argparse.Namespace, ctx: Context) -> dict[str, float]:
             files = []
             if epoch % args.eval_every == 0 or epoch == args.epochs:
                 sync_buffers(model)
-                metrics["loss"], metrics["acc"] = evaluate(model, test_x, test_y, ctx, amp_dtype)
+                tta = args.tta if epoch == args.epochs else "none"  # test-time augmentation only at the end
+                metrics["loss"], metrics["acc"] = evaluate(model, test_x, test_y, ctx, amp_dtype, tta)
                 if metrics["acc"] > metrics["best_acc"]:
                     metrics["best_acc"] = metrics["acc"]
                     files.append(checkpoint.BEST_NAME)
                 monitor.scalars(step, {"test/loss": metrics["loss"], "test/acc": metrics["acc"]})
-                line += f" | test loss {metrics['loss']:.4f} acc {100 * metrics['acc']:.2f}%"
+                line += f" | test loss {metrics['loss']:.4f} acc {100 * metrics['acc']:.2f}% ({'no' if tta == 'none' else tta} TTA)"
             periodic = epoch % args.save_every == 0 or epoch == args.epochs
             if periodic:
                 files += [checkpoint.epoch_checkpoint_name(epoch), checkpoint.LATEST_NAME]

@@ -29,7 +29,7 @@ def test_defaults_are_valid_and_plain():
     args = config.parse_args([])
     assert args.run_name == "fastnet-cifar10-seed0"
     plain = config.to_dict(args)
-    assert plain["batch_size"] == 1024 and all(isinstance(k, str) for k in plain)
+    assert plain["batch_size"] == 2000 and plain["optimizer"] == "muon" and all(isinstance(k, str) for k in plain)
 
 
 def test_bad_flag_exits_before_any_process_group(tmp_path):

@@ -138,12 +138,12 @@ def test_torchvision_imagenet_resnet18_into_cifar_resnet18(tmp_path):
 
 
 def test_evaluate_checkpoint_and_its_export_agree(trained, tmp_path):
-    best = trained / "checkpoints" / "best.pt"
-    export = run_module(["ddp.checkpoint", "export", str(best), str(tmp_path / "w.safetensors"), "--safetensors"],
+    latest = trained / "checkpoints" / "latest.pt"  # its accuracy: the last epoch's, with --tta full
+    export = run_module(["ddp.checkpoint", "export", str(latest), str(tmp_path / "w.safetensors"), "--safetensors"],
                         cwd=tmp_path)
     assert export.returncode == 0, export.stderr
-    acc = torch.load(best, weights_only=True)["metrics"]["acc"]
-    for path in (best, tmp_path / "w.safetensors"):
+    acc = torch.load(latest, weights_only=True)["metrics"]["acc"]
+    for path in (latest, tmp_path / "w.safetensors"):
         result = run_module(["ddp.evaluate", "--checkpoint", str(path), "--dataset", "synthetic",
                              "--synthetic-size", "1024"], cwd=tmp_path)
         assert result.returncode == 0, result.stderr
