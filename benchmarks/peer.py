@@ -20,7 +20,6 @@ import json
 import math
 import os
 import re
-import shutil
 import statistics
 import subprocess
 import sys
@@ -116,7 +115,6 @@ def evaluate_ours(checkpoint: Path, data_dir: str, data_flags: list[str], tta: s
 def run_ours(seed: int, root: Path, nproc: int, data_dir: str, data_flags: list[str], extra: list[str]) -> dict:
     """Our trainer under torchrun (timed: launch to exit), then its final weights at each TTA level (untimed)."""
     run_dir = root / f"ours-seed{seed}"
-    shutil.rmtree(run_dir, ignore_errors=True)  # read_run would merge an earlier run's events into this one
     load_before = os.getloadavg()
     run_trainer(run_dir, nproc, data_dir, [*data_flags, "--seed", str(seed), *extra])
     load_after = os.getloadavg()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -22,7 +23,6 @@ from pathlib import Path
 
 from benchmarks.common import OUT, REPO, conditions, markdown_table
 
-TARGETS = [(0.90, 15 * 60), (0.93, 60 * 60)]  # (test accuracy, within this many seconds of wall time)
 META = "benchmark.json"  # written next to the TensorBoard events: launch time, command, conditions
 
 
@@ -31,7 +31,8 @@ def run_trainer(run_dir: Path, nproc: int, data_dir: str, extra: list[str]) -> N
     cmd = ["torchrun", "--standalone", f"--nproc_per_node={nproc}", "-m", "ddp.train", "--data-dir", data_dir,
            "--logdir", str(run_dir.parent), "--run-name", run_dir.name,
            "--checkpoint-dir", str(run_dir / "checkpoints"), "--resume", "none", *extra]
-    run_dir.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run: read_run would merge an earlier run's events
+    run_dir.mkdir(parents=True)
     print("$", " ".join(cmd), flush=True)
     meta = {"command": cmd, "conditions_before": conditions(), "launch": time.time()}
     subprocess.run(cmd, cwd=REPO, check=True)
@@ -74,17 +75,10 @@ def print_run(run: dict) -> None:
     print(markdown_table(["epoch", "test acc %", "wall time (m:ss)", "epoch time (s)", "train img/s"], table))
     print(f"\ntotal wall time {mmss(run['total_s'])} (launch to exit), best test accuracy "
           f"{100 * max(r['acc'] for r in rows):.2f}%\n")
-    target_rows = []
-    for acc, limit in TARGETS:
-        t = first_reaching(rows, acc)
-        reached = "not reached" if t is None else mmss(t)
-        target_rows.append([f"{100 * acc:.0f}% test accuracy", reached, f"<= {mmss(limit)}",
-                            "yes" if t is not None and t <= limit else "no"])
-    print(markdown_table(["figure", "wall time", "target", "met"], target_rows), flush=True)
 
 
 def plot(runs: list[dict], png: Path) -> None:
-    """Accuracy vs wall time, one line per run, with the targets marked."""
+    """Accuracy vs wall time, one line per run."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -97,15 +91,7 @@ def plot(runs: list[dict], png: Path) -> None:
         flags = " ".join(cmd[cmd.index("--resume") + 2:]) or "default recipe"  # what came after `--`
         ax.plot([r["wall_s"] / 60 for r in rows], [100 * r["acc"] for r in rows], marker="o", ms=4,
                 label=f"{run['name']}: {flags}")
-    longest = max(r["wall_s"] for run in runs for r in run["rows"]) / 60
-    xmax = max(16, longest * 1.05)
-    for acc, limit in TARGETS:  # a star where the target is, or a note at the edge when it is off the chart
-        ax.axhline(100 * acc, ls=":", lw=1, color="crimson")
-        if limit / 60 <= xmax:
-            ax.plot([limit / 60], [100 * acc], marker="*", ms=14, color="crimson", ls="none")
-        ax.annotate(f"target: {100 * acc:.0f}% within {limit // 60} min" + ("" if limit / 60 <= xmax else " (off chart)"),
-                    (min(limit / 60, xmax), 100 * acc), textcoords="offset points", xytext=(-12, 4), ha="right",
-                    fontsize=8, color="crimson")
+    xmax = max(r["wall_s"] for run in runs for r in run["rows"]) / 60 * 1.05
     ax.set_xlim(0, xmax)
     accs = [100 * r["acc"] for run in runs for r in run["rows"]]
     ax.set_ylim(min(50, min(accs) - 2), max(95, max(accs) + 1))

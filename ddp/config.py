@@ -79,8 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="auto: nccl on CUDA, gloo on CPU")
     run.add_argument("--timeout-min", type=float, default=10.0,
                      help="collective timeout: a stuck rank ends the job after this long")
-    run.add_argument("--eval-every", type=int, default=1,
-                     help="evaluate every N epochs, without test-time augmentation, and at the end with --tta")
+    run.add_argument("--eval-every", type=int, default=0,
+                     help="also evaluate every N epochs during training, with one view per image (each costs about "
+                     "a tenth of an epoch); 0: only after the last epoch, which always evaluates, with --tta")
     run.add_argument("--tta", default="full", choices=TTA_CHOICES,
                      help="test-time augmentation of the final evaluation: none; flip (an image and its "
                      "mirror); full (airbench's 6 views: flips of the image and of its 1-pixel translations)")
@@ -125,7 +126,7 @@ def validate(args: argparse.Namespace, world_size: int) -> str | None:
     """The first problem with the flags, as a sentence that says what to do, or None."""
     if args.model not in MODELS:
         return f"unknown model {args.model!r}; choose one of {', '.join(MODELS)}"
-    for name in ["epochs", "batch_size", "eval_every", "log_every", "synthetic_size", "save_every"]:
+    for name in ["epochs", "batch_size", "log_every", "synthetic_size", "save_every"]:
         if getattr(args, name) < 1:
             return f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}"
     for name in ["lr", "muon_lr", "bn_bias_lr_scale", "timeout_min"]:
@@ -144,6 +145,8 @@ def validate(args: argparse.Namespace, world_size: int) -> str | None:
     train_size = args.synthetic_size if args.dataset == "synthetic" else CIFAR10_TRAIN_SIZE
     if args.batch_size > train_size:
         return f"--batch-size {args.batch_size} is larger than the {train_size} training images"
+    if args.eval_every < 0:
+        return f"--eval-every must be 0 (only after the last epoch) or more, got {args.eval_every}"
     if args.save_every_steps < 0 or (args.stop_at_step is not None and args.stop_at_step < 1):
         return "--save-every-steps must be 0 or more, and --stop-at-step at least 1"
     if args.keep < 0:

@@ -276,7 +276,7 @@ def _train(args: argparse.Namespace, ctx: Context) -> dict[str, float]:
 
             line = f"epoch {epoch}/{args.epochs} | train loss {train_loss:.4f}"
             files = []
-            if epoch % args.eval_every == 0 or epoch == args.epochs:
+            if epoch == args.epochs or (args.eval_every and epoch % args.eval_every == 0):
                 sync_buffers(model)
                 tta = args.tta if epoch == args.epochs else "none"  # test-time augmentation only at the end
                 metrics["loss"], metrics["acc"] = evaluate(model, test_x, test_y, ctx, amp_dtype, tta)

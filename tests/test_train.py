@@ -14,14 +14,15 @@ from ddp import models
 def test_two_process_torchrun_run_learns_and_logs_to_tensorboard(tmp_path):
     result = run_module(["torchrun", "--standalone", "--nproc_per_node=2", "-m", "ddp.train", "--model", "fastnet_small",
                          "--dataset", "synthetic", "--synthetic-size", "1024", "--batch-size", "128",
-                         "--epochs", "3", "--log-every", "4", "--run-name", "smoke",
+                         "--epochs", "3", "--log-every", "4", "--run-name", "smoke", "--eval-every", "1",
                          "--logdir", "runs", "--checkpoint-dir", "ckpt"], cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     out = result.stdout
     assert "world 2 x cpu (gloo)" in out and "batch 128 global = 2 x 64" in out
     assert "SYNTHETIC data" in out
-    epochs = re.findall(r"epoch (\d)/3 \| train loss ([\d.]+) \| test loss ([\d.]+) acc ([\d.]+)%", out)
+    epochs = re.findall(r"epoch (\d)/3 \| train loss ([\d.]+) \| test loss ([\d.]+) acc ([\d.]+)% \((\w+) TTA\)", out)
     assert [e[0] for e in epochs] == ["1", "2", "3"]  # printed once, by rank 0 only
+    assert [e[4] for e in epochs] == ["no", "no", "full"]  # test-time augmentation only for the final figure
     train_losses = [float(e[1]) for e in epochs]
     assert train_losses[-1] < train_losses[0] - 0.2
     assert float(epochs[-1][3]) > 50
