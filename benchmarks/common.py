@@ -25,6 +25,26 @@ OUT = os.path.join(REPO, "benchmarks", "out")  # scratch space for runs and file
 FLOAT32_SMALL = ["--model", "fastnet_small", "--amp", "none", "--batch-size", "512"]
 
 
+def split_passthrough(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(the script's own arguments, those after `--`, which go to the trainer)."""
+    if "--" not in argv:
+        return argv, []
+    return argv[:argv.index("--")], argv[argv.index("--") + 1:]
+
+
+def save_accuracy_plot(fig, ax, title: str, png: str | os.PathLike) -> None:
+    """Label an accuracy-vs-wall-time plot, add its legend and write it to `png`."""
+    ax.set_xlabel("wall time since launch (min)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(png)), exist_ok=True)
+    fig.savefig(png)
+    print(f"\nwrote {png}")
+
+
 def conditions() -> str:
     """One line about the machine and how busy it is, to print next to every result."""
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())

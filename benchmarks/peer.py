@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import HEADER, OUT, REPO, Row, conditions, markdown_table
+from benchmarks.common import HEADER, OUT, REPO, Row, conditions, markdown_table, save_accuracy_plot, split_passthrough
 from benchmarks.time_to_accuracy import first_reaching, mmss, read_run, run_trainer
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -205,22 +205,12 @@ def plot(results: dict, png: Path) -> None:
         ax.axhline(100 * statistics.mean(r["reported"] for r in peers), ls=":", lw=1, color="grey")
     m = results["machine"]
     ax.set_xlim(left=0)
-    ax.set_xlabel("wall time since launch (min)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"CIFAR-10: ours vs airbench94, {m['cpu']}, {m['nproc']} cores" +
-                 (" (synthetic data)" if results.get("quick") else ""), fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png)
-    print(f"\nwrote {png}")
+    save_accuracy_plot(fig, ax, f"CIFAR-10: ours vs airbench94, {m['cpu']}, {m['nproc']} cores" +
+                       (" (synthetic data)" if results.get("quick") else ""), png)
 
 
 def main() -> None:
-    argv = sys.argv[1:]
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[:argv.index("--")] if "--" in argv else argv
+    argv, extra = split_passthrough(sys.argv[1:])
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", default="../shared/data", help="directory holding cifar-10-batches-py/")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])

@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import OUT, REPO, conditions, markdown_table
+from benchmarks.common import OUT, REPO, conditions, markdown_table, save_accuracy_plot, split_passthrough
 
 META = "benchmark.json"  # written next to the TensorBoard events: launch time, command, conditions
 
@@ -95,21 +95,11 @@ def plot(runs: list[dict], png: Path) -> None:
     ax.set_xlim(0, xmax)
     accs = [100 * r["acc"] for run in runs for r in run["rows"]]
     ax.set_ylim(min(50, min(accs) - 2), max(95, max(accs) + 1))
-    ax.set_xlabel("wall time since launch (min)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"CIFAR-10 time to accuracy, {os.cpu_count()} CPU cores")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png)
-    print(f"\nwrote {png}")
+    save_accuracy_plot(fig, ax, f"CIFAR-10 time to accuracy, {os.cpu_count()} CPU cores", png)
 
 
 def main() -> None:
-    argv = sys.argv[1:]
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[:argv.index("--")] if "--" in argv else argv
+    argv, extra = split_passthrough(sys.argv[1:])
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--nproc", type=int, default=2, help="processes (torchrun --nproc_per_node)")
     p.add_argument("--data-dir", default="../shared/data", help="directory holding cifar-10-batches-py/")
