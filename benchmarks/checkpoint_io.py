@@ -37,7 +37,7 @@ def training_state(model_name: str) -> Callable[[], dict]:
     scheduler = build_scheduler(optimizer, 97, 970)
     train_step(model, optimizer, criterion, batches[0])
     scheduler.step()
-    flags = {**config.to_dict(config.parse_args(["--model", model_name])), "num_classes": data.NUM_CLASSES}
+    flags = {**config.to_dict(config.parse_args(["--model", model_name])), "num_classes": data.num_classes("cifar10")}
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     lookahead = Lookahead(model, 970)  # its slow copy of the weights is part of the state, as in the trainer
     return lambda: checkpoint.make_checkpoint(

@@ -153,7 +153,7 @@ def training_parts(model_name: str = "fastnet_small", batch_size: int = 256, n_b
 
     args = config.parse_args(["--model", model_name])
     torch.manual_seed(seed)
-    model = models.build(model_name, data.NUM_CLASSES).to(memory_format=torch.channels_last)
+    model = models.build(model_name, data.num_classes("cifar10")).to(memory_format=torch.channels_last)
     images, labels = data.synthetic_cifar10(batch_size * n_batches, train=True)
     batches = [(data.normalize(data.augment(x, data.make_generator(seed, i))), y)
                for i, (x, y) in enumerate(zip(images.split(batch_size), labels.split(batch_size)))]

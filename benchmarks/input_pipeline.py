@@ -42,7 +42,7 @@ def share_of_a_step(images: torch.Tensor, labels: torch.Tensor, reps: int) -> tu
     torch.set_num_threads(1)
     args = config.parse_args([])
     batch = args.batch_size // 2  # per rank, 2 processes
-    model = models.build(args.model, data.NUM_CLASSES).to(memory_format=torch.channels_last)
+    model = models.build(args.model, data.num_classes("cifar10")).to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, args)
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
     cpu = torch.device("cpu")
@@ -86,7 +86,7 @@ def main() -> None:
     if args.quick:
         args.images, args.reps = 10_000, 2
 
-    images, labels = data.load_cifar10(args.data_dir, train=True)
+    images, labels = data.load_cifar("cifar10", args.data_dir, train=True)
     images, labels = images[:args.images], labels[:args.images]
     loader = train_loader(images, labels, args.batch_size, args.workers)
     per_pass = len(images) // args.batch_size * args.batch_size  # both drop the last partial batch

@@ -40,11 +40,11 @@ def main() -> None:
     if args.dataset == "synthetic":
         images, labels = data.synthetic_cifar10(args.synthetic_size, train=True)
     else:
-        images, labels = data.load_cifar10(args.data_dir, train=True)
+        images, labels = data.load_cifar("cifar10", args.data_dir, train=True)
     sampler = DistributedSampler(InMemoryCIFAR10(images, labels, train_transform()), shuffle=True, drop_last=True)
     loader = train_loader(images, labels, args.batch_size // world_size, args.workers, sampler)
 
-    model = DDP(models.build(args.model, data.NUM_CLASSES))
+    model = DDP(models.build(args.model, data.num_classes("cifar10")))
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
     criterion = nn.CrossEntropyLoss(label_smoothing=0.2)
     for epoch in range(args.epochs):

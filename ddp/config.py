@@ -7,11 +7,13 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ddp import data, models
 from ddp.checkpoint import parse_remap
-from ddp.models import MODELS
 from ddp.optim import AMP_CHOICES
 
-CIFAR10_TRAIN_SIZE = 50_000
+DEFAULTS = {"model": "fastnet", "dataset": "cifar10"}  # unless a resumed checkpoint names others
+RUN_NAME = "{model}-{dataset}-seed{seed}"
+
 TTA_CHOICES = ["none", "flip", "full"]  # test-time augmentation: --tta of ddp.train and ddp.evaluate
 
 
@@ -25,19 +27,21 @@ class OneLineParser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(
         prog="python -m ddp.train",
-        description="Train CIFAR-10 with DistributedDataParallel. Launch with torchrun for several "
+        description="Train on CIFAR-10 or CIFAR-100 with DistributedDataParallel. Launch with torchrun for several "
         "processes, or run plainly for one.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    data = p.add_argument_group("data")
-    data.add_argument("--data-dir", default="data", help="directory holding cifar-10-batches-py/")
-    data.add_argument("--dataset", default="cifar10", choices=["cifar10", "synthetic"])
-    data.add_argument("--download", action="store_true", help="download CIFAR-10 if missing")
-    data.add_argument("--synthetic-size", type=int, default=4096,
+    inputs = p.add_argument_group("data")
+    inputs.add_argument("--data-dir", default="data", help="directory holding cifar-10-batches-py/ or cifar-100-python/")
+    inputs.add_argument("--dataset", default=None, choices=data.DATASET_CHOICES,
+                        help=f"default: the resumed checkpoint's, else {DEFAULTS['dataset']}")
+    inputs.add_argument("--download", action="store_true", help="download the dataset if missing (MD5-checked)")
+    inputs.add_argument("--synthetic-size", type=int, default=4096,
                       help="training images of --dataset synthetic (test set: a fifth of that)")
 
     train = p.add_argument_group("training")
-    train.add_argument("--model", default="fastnet", help=f"one of: {', '.join(MODELS)}")
+    train.add_argument("--model", default=None,
+                       help=f"{models.NAME_HELP} (default: the resumed checkpoint's, else {DEFAULTS['model']})")
     train.add_argument("--epochs", type=int, default=8)
     train.add_argument("--batch-size", type=int, default=2000,
                        help="GLOBAL batch size, split evenly across all ranks; it stays the same "
@@ -117,15 +121,18 @@ def build_parser() -> argparse.ArgumentParser:
                       "the model's parameters (by number of values), instead of training mostly from scratch; "
                       "0 accepts any partial load")
     run.add_argument("--logdir", default="runs", help="TensorBoard root directory")
-    run.add_argument("--run-name", default="{model}-{dataset}-seed{seed}",
-                     help="TensorBoard run name, a template over the flags; stable across resumes")
+    run.add_argument("--run-name", default=None,
+                     help=f"TensorBoard run name of a fresh run, a template over the flags (default: {RUN_NAME!r}); "
+                     "when taken, -v2, -v3, ... is added. A resumed run continues the run its checkpoint names")
     return p
 
 
 def validate(args: argparse.Namespace, world_size: int) -> str | None:
     """The first problem with the flags, as a sentence that says what to do, or None."""
-    if args.model not in MODELS:
-        return f"unknown model {args.model!r}; choose one of {', '.join(MODELS)}"
+    try:
+        models.find_builder(args.model or DEFAULTS["model"])
+    except ValueError as e:
+        return str(e)
     for name in ["epochs", "batch_size", "log_every", "synthetic_size", "save_every"]:
         if getattr(args, name) < 1:
             return f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}"
@@ -142,7 +149,7 @@ def validate(args: argparse.Namespace, world_size: int) -> str | None:
     if args.batch_size % world_size:
         return (f"--batch-size {args.batch_size} does not split evenly across {world_size} processes; "
                 f"use a multiple of {world_size}")
-    train_size = args.synthetic_size if args.dataset == "synthetic" else CIFAR10_TRAIN_SIZE
+    train_size = args.synthetic_size if args.dataset == "synthetic" else data.TRAIN_SIZE
     if args.batch_size > train_size:
         return f"--batch-size {args.batch_size} is larger than the {train_size} training images"
     if args.eval_every < 0:
@@ -177,10 +184,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if problem:
         parser.error(problem)
     try:
-        args.run_name = args.run_name.format(**vars(args))
+        (args.run_name or RUN_NAME).format(**{**vars(args), **DEFAULTS})
     except (KeyError, IndexError, ValueError) as e:
         parser.error(f"--run-name {args.run_name!r} is not a valid template over the flags ({e!r})")
     return args
+
+
+def resolve(args: argparse.Namespace, recorded: dict[str, Any] | None) -> None:
+    """Fill in what depends on a resumed checkpoint's config (`recorded`; None when starting fresh).
+
+    --model and --dataset left out: the checkpoint's, else the defaults. The TensorBoard run: the
+    checkpoint's, whatever --run-name says (a resumed, restarted or requeued run continues its own run),
+    else --run-name (default RUN_NAME) formatted over the flags.
+    """
+    recorded = recorded or {}
+    for name, default in DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, recorded.get(name) or default)
+    name = recorded.get("run_name") or (args.run_name or RUN_NAME).format(**vars(args))
+    args.run_name = name.replace(":", "_")  # from torchvision:NAME; ':' in a path trips up some tools
 
 
 def to_dict(args: argparse.Namespace) -> dict[str, Any]:

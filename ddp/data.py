@@ -1,4 +1,4 @@
-"""CIFAR-10 as uint8 tensors in memory: a safe reader, synthetic data, sharding and batched augmentation.
+"""CIFAR-10 and CIFAR-100 as uint8 tensors in memory: a safe reader, synthetic data, sharding, augmentation.
 
 Nothing here knows about torch.distributed: rank and world size come in as numbers. Randomness is a
 pure function of (seed, epoch, step, rank), so resuming needs only those counters.
@@ -8,25 +8,49 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-NUM_CLASSES = 10
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)  # CIFAR-100's are within 0.02: one normalisation serves both
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
-CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
-CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
-BATCH_DIR = "cifar-10-batches-py"
-TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
-TEST_FILES = ["test_batch"]
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Where a CIFAR set lives in its official python layout, and how to fetch it."""
+
+    num_classes: int
+    folder: str
+    train_files: tuple[str, ...]
+    test_files: tuple[str, ...]
+    labels_key: str
+    url: str
+    md5: str
+
+
+DATASETS = {
+    "cifar10": Dataset(10, "cifar-10-batches-py", tuple(f"data_batch_{i}" for i in range(1, 6)), ("test_batch",),
+                       "labels", "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+                       "c58f30108f718f92721af3b95e74349a"),
+    "cifar100": Dataset(100, "cifar-100-python", ("train",), ("test",), "fine_labels",
+                        "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85"),
+}
+DATASET_CHOICES = [*DATASETS, "synthetic"]
+TRAIN_SIZE = 50_000  # of both CIFAR sets
 GET_DATA_HINT = "get the data with --download, or train on --dataset synthetic"
 
 
+def num_classes(dataset: str) -> int:
+    """Classes of a --dataset choice (synthetic data has CIFAR-10's 10)."""
+    return DATASETS[dataset].num_classes if dataset in DATASETS else 10
+
+
 class DataError(RuntimeError):
-    """A data file is missing or not in the CIFAR-10 python layout."""
+    """A data file is missing or not in the CIFAR python layout."""
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
@@ -54,45 +78,57 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def read_batch_file(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """Read one CIFAR-10 batch file into (uint8 images N x 3 x 32 x 32, int64 labels N)."""
+def read_batch_file(path: Path, labels_key: str = "labels", num_classes: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    """Read one CIFAR batch file into (uint8 images N x 3 x 32 x 32, int64 labels N)."""
     if not path.is_file():
-        raise DataError(f"CIFAR-10 file {path} not found; {GET_DATA_HINT}")
+        raise DataError(f"CIFAR file {path} not found; {GET_DATA_HINT}")
     try:
         with open(path, "rb") as f:
             batch = _NumpyOnlyUnpickler(f, encoding="latin1").load()
     except Exception as e:  # noqa: BLE001 -- any failure to unpickle means a bad file
-        raise DataError(f"{path} is not a CIFAR-10 batch file ({e}); {GET_DATA_HINT}") from None
+        raise DataError(f"{path} is not a CIFAR batch file ({e}); {GET_DATA_HINT}") from None
     if not isinstance(batch, dict):
-        raise DataError(f"{path} holds a {type(batch).__name__}, not a CIFAR-10 batch dict")
+        raise DataError(f"{path} holds a {type(batch).__name__}, not a CIFAR batch dict")
     # Python 2 pickles give str keys under latin1; Python 3 ones written with bytes keys stay bytes.
     batch = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in batch.items()}
-    data, labels = batch.get("data"), batch.get("labels")
+    data, labels = batch.get("data"), batch.get(labels_key)
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
         raise DataError(f"{path}: 'data' must be a uint8 array of shape N x 3072; {GET_DATA_HINT}")
     if labels is None or len(labels) != len(data):
-        raise DataError(f"{path}: 'labels' missing or not one per image; {GET_DATA_HINT}")
+        raise DataError(f"{path}: {labels_key!r} missing or not one per image; {GET_DATA_HINT}")
     labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
-    if len(labels) and (labels.min() < 0 or labels.max() > 9):
-        raise DataError(f"{path}: labels must lie in 0..9")
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise DataError(f"{path}: labels must lie in 0..{num_classes - 1}")
     return torch.from_numpy(data.copy()).view(-1, 3, 32, 32), labels
 
 
-def load_cifar10(data_dir: str | Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The CIFAR-10 train or test split from `<data_dir>/cifar-10-batches-py` as uint8 tensors."""
-    root = Path(data_dir) / BATCH_DIR
+def load_cifar(dataset: str, data_dir: str | Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The train or test split of "cifar10" or "cifar100" from its folder in `data_dir`, as uint8 tensors."""
+    spec = DATASETS[dataset]
+    root = Path(data_dir) / spec.folder
     if not root.is_dir():
-        raise DataError(f"CIFAR-10 directory {root} not found; {GET_DATA_HINT}")
-    parts = [read_batch_file(root / name) for name in (TRAIN_FILES if train else TEST_FILES)]
+        raise DataError(f"{dataset} directory {root} not found; {GET_DATA_HINT}")
+    parts = [read_batch_file(root / name, spec.labels_key, spec.num_classes)
+             for name in (spec.train_files if train else spec.test_files)]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
-def download_cifar10(data_dir: str | Path) -> None:
+def download(dataset: str, data_dir: str | Path) -> None:
     """Fetch and unpack the official archive, checked against its MD5 (torchvision's downloader)."""
     from torchvision.datasets.utils import download_and_extract_archive
 
-    if not (Path(data_dir) / BATCH_DIR).is_dir():
-        download_and_extract_archive(CIFAR10_URL, str(data_dir), md5=CIFAR10_MD5)
+    spec = DATASETS[dataset]
+    if (Path(data_dir) / spec.folder).is_dir():
+        return
+    archive = Path(data_dir) / spec.url.rsplit("/", 1)[1]
+    try:
+        download_and_extract_archive(spec.url, str(data_dir), md5=spec.md5)
+    except RuntimeError as e:  # torchvision's words for a checksum mismatch
+        raise DataError(f"{archive} from {spec.url} does not have MD5 {spec.md5} ({e}); delete it and run "
+                        "again with --download") from None
+    except OSError as e:
+        raise DataError(f"could not download {spec.url} ({e}); fetch it another way and unpack it into "
+                        f"{data_dir}/, or train on --dataset synthetic") from None
 
 
 def synthetic_cifar10(n: int, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,7 +149,7 @@ def load_split(dataset: str, data_dir: str | Path, synthetic_size: int, train: b
     """One split of `--dataset` as (uint8 images, int64 labels); the synthetic test set is a fifth as large."""
     if dataset == "synthetic":
         return synthetic_cifar10(synthetic_size if train else max(synthetic_size // 5, 1), train=train)
-    return load_cifar10(data_dir, train=train)
+    return load_cifar(dataset, data_dir, train=train)
 
 
 def make_generator(seed: int, *keys: int | str) -> torch.Generator:

@@ -59,24 +59,29 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, ctx: 
     return loss_sum / count, correct / count
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> OneLineParser:
     p = OneLineParser(prog="python -m ddp.evaluate", description=__doc__.split("\n")[0],
                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a checkpoint, an export (.pt or .safetensors), or any "
                    "file or directory `python -m ddp.checkpoint inspect` reads")
-    p.add_argument("--model", default=None, help="model name, when the file does not record it")
+    p.add_argument("--model", default=None, help="model name, when the file does not record it (see ddp.train --help)")
     p.add_argument("--num-classes", type=int, default=None, help="when the file does not record it (default 10)")
     p.add_argument("--checkpoint-key", default=None, metavar="NAME",
                    help="the weight set to evaluate, in a file that holds several (e.g. state_dict_ema)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--data-dir", default="data")
-    p.add_argument("--dataset", default="cifar10", choices=["cifar10", "synthetic"])
+    p.add_argument("--dataset", default=None, choices=data.DATASET_CHOICES,
+                   help="default: the one the checkpoint records, else cifar10")
     p.add_argument("--synthetic-size", type=int, default=4096, help="as given to ddp.train")
     p.add_argument("--amp", default="auto", choices=AMP_CHOICES,
                    help="mixed precision, as for ddp.train (the same flag gives the trainer's accuracy)")
     p.add_argument("--tta", default="full", choices=TTA_CHOICES,
                    help="test-time augmentation, as ddp.train's --tta (none, flip, full: 6 views)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     with process_group(args.device) as ctx:
         try:
             # Every rank reads the file itself, straight onto its own device.
@@ -86,19 +91,20 @@ def main(argv: list[str] | None = None) -> None:
             if name is None:
                 raise checkpoint.CheckpointFormatError(
                     f"{args.checkpoint} does not record its model; pass --model ({', '.join(models.MODELS)})")
-            model = models.build(name, args.num_classes or weights.info.get("num_classes", 10))
+            dataset = args.dataset or weights.info.get("dataset") or "cifar10"
+            model = models.build(name, args.num_classes or weights.info.get("num_classes") or data.num_classes(dataset))
             model = model.to(ctx.device, memory_format=torch.channels_last)
             diff = checkpoint.load_state_into(model, weights.state, strict=True)
             for note in [weights.note, *diff.notes]:
                 if note:
                     log(note)
-            images, labels = data.load_split(args.dataset, args.data_dir, args.synthetic_size, train=False)
+            images, labels = data.load_split(dataset, args.data_dir, args.synthetic_size, train=False)
         except (checkpoint.CheckpointError, data.DataError, FileNotFoundError, ValueError) as e:
             log(f"error: {e}", every_rank=True)
             sys.exit(2)
         loss, acc = evaluate(model, images.to(ctx.device), labels.to(ctx.device), ctx,
                              amp_dtype=autocast_dtype(args.amp, ctx.device), tta=args.tta)
-        log(f"{args.checkpoint}: {name} on {len(images)} {args.dataset} test images | loss {loss:.4f} | "
+        log(f"{args.checkpoint}: {name} on {len(images)} {dataset} test images | loss {loss:.4f} | "
             f"accuracy {100 * acc:.2f}% ({args.tta} TTA) | "
             f"{ctx.world_size} x {ctx.device.type}")
 

@@ -1,7 +1,12 @@
-"""Model registry: `build(name, num_classes)` returns a plain nn.Module that knows nothing of DDP."""
+"""Model registry: `build(name, num_classes)` returns a plain nn.Module that knows nothing of DDP.
+
+A name is one of ours (`fastnet`, ...), `torchvision:NAME` (any classification model in torchvision's
+registry, untrained), or `MODULE:NAME`: MODULE is imported, and registers NAME with `@register`.
+"""
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 
 import torch
@@ -78,7 +83,7 @@ class FastNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.gelu(self.whiten(x))
         x = self.layers(x)
-        x = F.adaptive_max_pool2d(x, 1).flatten(1)
+        x = x.amax(dim=(2, 3))  # global max-pool; unlike adaptive_max_pool2d, its CUDA backward is deterministic
         return self.head(x) * self.scale
 
 
@@ -92,15 +97,59 @@ def resnet18(num_classes: int = 10) -> nn.Module:
     return model
 
 
-MODELS: dict[str, Callable[..., nn.Module]] = {
-    "fastnet": FastNet,
-    "fastnet_small": lambda num_classes=10: FastNet(num_classes, widths=(32, 64, 128)),
-    "resnet18": resnet18,
-}
+MODELS: dict[str, Callable[..., nn.Module]] = {}  # name -> builder(num_classes=...)
+
+
+def register(name: str) -> Callable:
+    """Decorator: register a model builder, called as `builder(num_classes=N)`, under `name`.
+
+        @register("mynet")
+        def mynet(num_classes: int = 10) -> nn.Module: ...
+    """
+
+    def decorate(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in MODELS and MODELS[name] is not builder:
+            raise ValueError(f"a model named {name!r} is already registered; choose another name")
+        MODELS[name] = builder
+        return builder
+
+    return decorate
+
+
+register("fastnet")(FastNet)
+register("fastnet_small")(lambda num_classes=10: FastNet(num_classes, widths=(32, 64, 128)))
+register("resnet18")(resnet18)
+
+NAME_HELP = ("one of: " + ", ".join(MODELS) + "; torchvision:NAME for any torchvision classification model "
+             "(e.g. torchvision:resnet50); MODULE:NAME for a model that MODULE registers with @ddp.models.register")
+
+
+def find_builder(name: str) -> Callable[..., nn.Module]:
+    """The builder for a model name; ValueError with what to do when there is none."""
+    module, sep, short = name.rpartition(":")
+    if not sep:
+        if name not in MODELS:
+            raise ValueError(f"unknown model {name!r}; {NAME_HELP}")
+        return MODELS[name]
+    if module == "torchvision":
+        import torchvision
+
+        known = torchvision.models.list_models(module=torchvision.models)  # classification models only
+        if short not in known:
+            raise ValueError(f"{short!r} is not a torchvision classification model; choose one of "
+                             f"torchvision.models.list_models(module=torchvision.models), e.g. resnet18, vit_b_16")
+        return lambda num_classes=10: torchvision.models.get_model(short, weights=None, num_classes=num_classes)
+    try:
+        importlib.import_module(module)  # registers its models
+    except ImportError as e:
+        raise ValueError(f"--model {name}: cannot import module {module!r} ({e}); run from the directory "
+                         "that holds it, or add that directory to PYTHONPATH") from None
+    if short not in MODELS:
+        raise ValueError(f"module {module!r} registers no model {short!r}; decorate its builder with "
+                         f"@ddp.models.register({short!r})")
+    return MODELS[short]
 
 
 def build(name: str, num_classes: int = 10) -> nn.Module:
-    """Build a registered model by name."""
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
-    return MODELS[name](num_classes=num_classes)
+    """Build a model by name (see the module docstring), untrained, with `num_classes` outputs."""
+    return find_builder(name)(num_classes=num_classes)

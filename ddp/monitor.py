@@ -8,9 +8,24 @@ from typing import Any
 
 from tqdm import tqdm
 
+# The run's results as HParams-dashboard metrics: written once, when training ends.
+FINAL_METRICS = {"final/test_acc": "acc", "final/best_test_acc": "best_acc", "final/test_loss": "loss",
+                 "final/train_loss": "train_loss"}
+
+
+def fresh_run_name(logdir: str | Path, name: str) -> str:
+    """`name`, or `name-v2`, `name-v3`, ...: the first with no TensorBoard events under `logdir` yet.
+
+    A fresh run never appends to another run's TensorBoard directory (TensorBoard would draw both as one
+    zigzag line); a resumed run reuses the name its checkpoint records instead.
+    """
+    taken = {p.parent.name for p in Path(logdir).glob("*/events.out.tfevents.*")}
+    candidates = (name if version == 1 else f"{name}-v{version}" for version in range(1, len(taken) + 2))
+    return next(c for c in candidates if c not in taken)
+
 
 class Monitor:
-    """TensorBoard scalars and a progress bar. On ranks other than 0 every method does nothing."""
+    """TensorBoard scalars, hyper-parameters and a progress bar. On ranks other than 0 every method does nothing."""
 
     def __init__(self, enabled: bool, logdir: str, run_name: str, config: dict[str, Any], note: str = ""):
         self.enabled = enabled
@@ -19,12 +34,22 @@ class Monitor:
         if not enabled:
             return
         from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard.summary import hparams
 
         self.writer = SummaryWriter(str(Path(logdir) / run_name))
-        table = "\n".join(f"| {k} | {v} |" for k, v in sorted(config.items()))
-        self.writer.add_text("hparams", f"{note}\n\n| flag | value |\n|---|---|\n{table}")
+        # The flags in the HParams dashboard, one row per run (lists as text; None is left out).
+        flags = {k: v if isinstance(v, (str, int, float, bool)) or v is None else str(v) for k, v in config.items()}
+        experiment, start, self.session_end = hparams(flags, dict.fromkeys(FINAL_METRICS, 0.0))
+        for summary in (experiment, start):
+            self.writer.file_writer.add_summary(summary)
         if note:
             self.writer.add_text("note", note)
+
+    def final(self, step: int, metrics: dict[str, float]) -> None:
+        """Training finished: its final and best metrics, as the HParams dashboard's metric columns."""
+        if self.writer:
+            self.scalars(step, {tag: metrics[key] for tag, key in FINAL_METRICS.items()})
+            self.writer.file_writer.add_summary(self.session_end)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if self.writer:

@@ -1,4 +1,4 @@
-"""Train CIFAR-10 with DistributedDataParallel.
+"""Train CIFAR-10 (or CIFAR-100, or your own model) with DistributedDataParallel.
 
     torchrun --standalone --nproc_per_node=2 -m ddp.train --dataset synthetic --epochs 2
     python -m ddp.train --help
@@ -15,7 +15,6 @@ import math
 import os
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -34,8 +33,9 @@ from ddp.dist import (
     sync_buffers,
 )
 from ddp.evaluate import evaluate
-from ddp.monitor import Monitor
+from ddp.monitor import Monitor, fresh_run_name
 from ddp.optim import Lookahead, autocast, autocast_dtype, build_optimizer, build_scheduler, freeze_whiten_bias
+from ddp.resume import find_resume_checkpoint, init_from
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by a signal after saving; run again to continue
 STOP_CHECK_EVERY = 10  # steps between checks for a stop signal: each check is a (tiny) collective
@@ -56,52 +56,16 @@ class Stopped(Exception):
 
 def load_datasets(args: argparse.Namespace, ctx: Context) -> tuple[torch.Tensor, ...]:
     """(train images, train labels, test images, test labels) as uint8/int64 tensors on the device."""
-    if args.download and args.dataset == "cifar10":  # one download per node: data may be node-local
-        run_and_agree(lambda: data.download_cifar10(args.data_dir), here=ctx.local_rank == 0, device=ctx.device)
+    if args.download and args.dataset in data.DATASETS:  # one download per node: data may be node-local
+        run_and_agree(lambda: data.download(args.dataset, args.data_dir), here=ctx.local_rank == 0, device=ctx.device)
     train, test = (data.load_split(args.dataset, args.data_dir, args.synthetic_size, split) for split in (True, False))
     # The whole data set is 180 MB of uint8: keep it on the training device, index batches from it.
     return tuple(t.to(ctx.device) for t in (*train, *test))
 
 
-def find_resume_checkpoint(args: argparse.Namespace, ctx: Context) -> tuple[Path, dict] | None:
-    """The checkpoint to resume from, loaded onto this rank's device, per --resume; None to start fresh."""
-    if args.resume == "none":
-        return None
-    if args.resume not in ("auto", "latest"):  # any file or directory the one reader knows (a DCP copy, say)
-        return Path(args.resume), checkpoint.read_checkpoint(args.resume, map_location=ctx.device).obj
-    latest = Path(args.checkpoint_dir) / checkpoint.LATEST_NAME
-    if args.resume == "latest":
-        return latest, checkpoint.load_checkpoint(latest, map_location=ctx.device)
-    with warnings.catch_warnings(record=True) as caught:  # damaged files: say so once, on rank 0
-        warnings.simplefilter("always", checkpoint.DamagedCheckpointWarning)
-        found = checkpoint.newest_valid_checkpoint(args.checkpoint_dir, map_location=ctx.device)
-    skipped = [w for w in caught if issubclass(w.category, checkpoint.DamagedCheckpointWarning)]
-    for warning in skipped:
-        log(f"warning: {warning.message}")
-    if found is None and skipped:  # never silently throw away a run's progress
-        raise checkpoint.CheckpointCorruptError(
-            f"no valid checkpoint in {args.checkpoint_dir}/ ({len(skipped)} damaged files, see above); "
-            "restore one, or pass --resume none to start fresh")
-    if found is None:
-        log(f"no checkpoint in {args.checkpoint_dir}/: starting fresh")
-    return found
-
-
 def position(epoch: int, batch_in_epoch: int) -> str:
     """Where training is, as the logs say it: "epoch 3" (3 done) or "epoch 3 + 40 batches"."""
     return f"epoch {epoch}" + (f" + {batch_in_epoch} batches" if batch_in_epoch else "")
-
-
-def init_from(args: argparse.Namespace, model: nn.Module, ctx: Context) -> None:
-    """--init-from: one weight set, prefixes remapped and aligned, loaded non-strictly, with a report.
-
-    Refuses (on every rank: each reads the file itself) when less than --min-match of the parameters fit.
-    """
-    weights = checkpoint.load_weights(args.init_from, map_location=ctx.device, checkpoint_key=args.checkpoint_key)
-    state = checkpoint.remap_prefixes(weights.state, [checkpoint.parse_remap(rule) for rule in args.remap])
-    diff = checkpoint.load_state_into(model, state, strict=False, min_match=args.min_match)
-    log(f"--init-from {args.init_from}: {weights.layout}" + (f"; {weights.note}" if weights.note else ""))
-    log(diff.report(f"--init-from {args.init_from}"))
 
 
 def train(args: argparse.Namespace, ctx: Context) -> dict[str, float]:
@@ -121,15 +85,20 @@ def train(args: argparse.Namespace, ctx: Context) -> dict[str, float]:
 
 
 def _train(args: argparse.Namespace, ctx: Context) -> dict[str, float]:
+    # Every rank reads the checkpoint to resume from, if any, straight onto its own device; its config
+    # names the model, the dataset and the TensorBoard run when the flags leave them out.
+    resumed = find_resume_checkpoint(args, ctx)
+    config.resolve(args, resumed[1]["config"] if resumed else None)
+    if not resumed:
+        args.run_name = fresh_run_name(args.logdir, args.run_name)  # never append to an earlier run's events
     torch.manual_seed(args.seed)  # the same initial weights everywhere (DDP also broadcasts rank 0's)
     train_x, train_y, test_x, test_y = load_datasets(args, ctx)
     if args.dataset == "synthetic":
-        log("NOTE: training on SYNTHETIC data, not CIFAR-10: accuracies say nothing about CIFAR-10")
+        log("NOTE: training on SYNTHETIC data, not CIFAR: accuracies say nothing about CIFAR")
 
-    # The model, initialised; a resume below overwrites every weight. Built before DDP wraps it, on every
-    # rank, each reading files straight onto its own device.
-    model = models.build(args.model, data.NUM_CLASSES).to(ctx.device, memory_format=torch.channels_last)
-    resumed = find_resume_checkpoint(args, ctx)
+    # The model, initialised; a resume below overwrites every weight. Built before DDP wraps it.
+    num_classes = data.num_classes(args.dataset)
+    model = models.build(args.model, num_classes).to(ctx.device, memory_format=torch.channels_last)
     if not resumed:
         if hasattr(model, "init_whitening"):
             model.init_whitening(data.normalize(train_x[:5000]))
@@ -201,7 +170,7 @@ def _train(args: argparse.Namespace, ctx: Context) -> dict[str, float]:
                 ckpt = checkpoint.cpu_copy(checkpoint.make_checkpoint(
                     model, optimizer, scheduler, scaler, lookahead,
                     progress={"epoch": epoch, "step": step, "batch_in_epoch": batch_in_epoch},
-                    metrics=metrics, config={**config.to_dict(args), "num_classes": data.NUM_CLASSES},
+                    metrics=metrics, config={**config.to_dict(args), "num_classes": num_classes},
                     world_size=ctx.world_size, device_type=ctx.device.type))
                 paths = [Path(args.checkpoint_dir) / name for name in names]
 
@@ -227,7 +196,8 @@ def _train(args: argparse.Namespace, ctx: Context) -> dict[str, float]:
         raise Stopped(received)
 
     monitor = Monitor(ctx.is_main, args.logdir, args.run_name, config.to_dict(args),
-                      note="SYNTHETIC data, not CIFAR-10" if args.dataset == "synthetic" else "")
+                      note="SYNTHETIC data, not CIFAR" if args.dataset == "synthetic" else "")
+    log(f"TensorBoard: {Path(args.logdir) / args.run_name}")
     stop_signals = StopSignals()
     train_loss = math.nan  # until the first logged step (a resumed epoch may have no steps left)
     try:
@@ -296,6 +266,7 @@ def _train(args: argparse.Namespace, ctx: Context) -> dict[str, float]:
             if epoch < args.epochs:
                 stop_if_asked(latest_is_saved=periodic)
         save(wait=True)  # nothing is left in flight (already so after the last epoch's save)
+        monitor.final(step, {**metrics, "train_loss": train_loss})
     except Stopped as stop:
         if stop.signal_name:
             raise  # main() exits with PREEMPTED_EXIT_CODE

@@ -17,27 +17,33 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
-def write_cifar_dir(root: Path, per_batch: int = 20, bytes_keys: bool = False, seed: int = 0) -> Path:
-    """Write data_batch_1..5, test_batch and batches.meta as the official pickles, return `root`.
+def write_cifar_dir(root: Path, per_batch: int = 20, bytes_keys: bool = False, seed: int = 0,
+                    dataset: str = "cifar10") -> Path:
+    """Write a tiny copy of CIFAR-10 (data_batch_1..5, test_batch, batches.meta) or CIFAR-100 (train, test,
+    meta; `fine_labels` and `coarse_labels`) in the official pickle layout, and return `root`.
 
     bytes_keys=True writes b"data"/b"labels" keys, as Python 3 reads Python 2's str keys with
     encoding="bytes"; False writes str keys, as encoding="latin1" gives them.
     """
     rng = np.random.default_rng(seed)
-    folder = root / "cifar-10-batches-py"
+    cifar100 = dataset == "cifar100"
+    folder = root / ("cifar-100-python" if cifar100 else "cifar-10-batches-py")
     folder.mkdir(parents=True, exist_ok=True)
     key = (lambda k: k.encode()) if bytes_keys else (lambda k: k)
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        batch = {
-            key("batch_label"): f"{name} of tiny test set",
-            key("labels"): rng.integers(0, 10, per_batch).tolist(),
-            key("data"): rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
-            key("filenames"): [f"img_{i}.png" for i in range(per_batch)],
-        }
+    files = {"train": 5 * per_batch, "test": per_batch} if cifar100 else {
+        **{f"data_batch_{i}": per_batch for i in range(1, 6)}, "test_batch": per_batch}
+    for name, n in files.items():
+        labels = {key("fine_labels"): rng.integers(0, 100, n).tolist(), key("coarse_labels"): rng.integers(0, 20, n).tolist()
+                  } if cifar100 else {key("labels"): rng.integers(0, 10, n).tolist()}
+        batch = {key("batch_label"): f"{name} of tiny test set", **labels,
+                 key("data"): rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                 key("filenames"): [f"img_{i}.png" for i in range(n)]}
         with open(folder / name, "wb") as f:
             pickle.dump(batch, f, protocol=2)
-    with open(folder / "batches.meta", "wb") as f:
-        pickle.dump({key("label_names"): [f"class{i}" for i in range(10)]}, f, protocol=2)
+    meta = {key("fine_label_names"): [f"class{i}" for i in range(100)]} if cifar100 else {
+        key("label_names"): [f"class{i}" for i in range(10)]}
+    with open(folder / ("meta" if cifar100 else "batches.meta"), "wb") as f:
+        pickle.dump(meta, f, protocol=2)
     return root
 
 

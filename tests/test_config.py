@@ -8,7 +8,9 @@ from ddp import config
 
 @pytest.mark.parametrize("argv, world_size, message", [
     (["--epochs", "-1"], 1, "--epochs must be at least 1, got -1"),
-    (["--model", "vgg"], 1, "unknown model 'vgg'; choose one of fastnet"),
+    (["--model", "vgg"], 1, "unknown model 'vgg'; one of: fastnet"),
+    (["--model", "torchvision:nope"], 1, "'nope' is not a torchvision classification model"),
+    (["--run-name", "{nope}"], 1, "--run-name '{nope}' is not a valid template"),
     (["--batch-size", "2"], 4, "--batch-size 2 is smaller than the 4 processes"),
     (["--batch-size", "510"], 4, "does not split evenly across 4 processes; use a multiple of 4"),
     (["--dataset", "synthetic", "--synthetic-size", "100"], 1, "larger than the 100 training images"),
@@ -27,7 +29,25 @@ def test_bad_flags_exit_2_with_one_line(argv, world_size, message, monkeypatch, 
 
 def test_defaults_are_valid_and_plain():
     args = config.parse_args([])
-    assert args.run_name == "fastnet-cifar10-seed0"
+    assert (args.model, args.dataset, args.run_name) == (None, None, None)  # until a resumed checkpoint is known
+    config.resolve(args, None)
+    assert (args.model, args.dataset, args.run_name) == ("fastnet", "cifar10", "fastnet-cifar10-seed0")
+
+
+def test_left_out_model_dataset_and_run_name_come_from_the_resumed_checkpoint():
+    recorded = {"model": "torchvision:resnet18", "dataset": "cifar100", "run_name": "first-v2"}
+    args = config.parse_args(["--seed", "3"])
+    config.resolve(args, recorded)
+    assert (args.model, args.dataset, args.run_name) == ("torchvision:resnet18", "cifar100", "first-v2")
+    args = config.parse_args(["--model", "resnet18", "--run-name", "{model}-{seed}"])  # a given model wins, but
+    config.resolve(args, recorded)  # the resumed run keeps writing to its own TensorBoard run
+    assert (args.model, args.dataset, args.run_name) == ("resnet18", "cifar100", "first-v2")
+    args = config.parse_args(["--model", "resnet18", "--run-name", "{model}-{seed}"])
+    config.resolve(args, None)
+    assert args.run_name == "resnet18-0"
+    args = config.parse_args(["--model", "torchvision:vgg11"])
+    config.resolve(args, None)
+    assert args.run_name == "torchvision_vgg11-cifar10-seed0"
     plain = config.to_dict(args)
     assert plain["batch_size"] == 2000 and plain["optimizer"] == "muon" and all(isinstance(k, str) for k in plain)
 

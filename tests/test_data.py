@@ -1,6 +1,12 @@
 from __future__ import annotations
 
+import dataclasses
+import functools
+import hashlib
+import http.server
 import pickle
+import tarfile
+import threading
 
 import pytest
 import torch
@@ -12,15 +18,15 @@ from ddp import data
 @pytest.mark.parametrize("bytes_keys", [False, True])
 def test_reads_official_layout_with_str_or_bytes_keys(tmp_path, bytes_keys):
     root = write_cifar_dir(tmp_path, per_batch=7, bytes_keys=bytes_keys)
-    x, y = data.load_cifar10(root, train=True)
+    x, y = data.load_cifar("cifar10", root, train=True)
     assert x.shape == (35, 3, 32, 32) and x.dtype == torch.uint8
     assert y.shape == (35,) and y.dtype == torch.int64
-    with open(root / data.BATCH_DIR / "data_batch_1", "rb") as f:
+    with open(root / data.DATASETS["cifar10"].folder / "data_batch_1", "rb") as f:
         raw = pickle.load(f, encoding="latin1")
     first = raw[b"data" if bytes_keys else "data"][0]
     # Row layout is channel-major: 1024 red, then green, then blue values of a 32x32 image.
     assert torch.equal(x[0], torch.from_numpy(first).view(3, 32, 32))
-    test_x, _ = data.load_cifar10(root, train=False)
+    test_x, _ = data.load_cifar("cifar10", root, train=False)
     assert test_x.shape == (7, 3, 32, 32)
 
 
@@ -37,30 +43,68 @@ class Payload:
 def test_crafted_batch_file_is_refused_and_its_payload_never_runs(tmp_path):
     root = write_cifar_dir(tmp_path)
     marker = tmp_path / "pwned"
-    with open(root / data.BATCH_DIR / "data_batch_3", "wb") as f:
+    with open(root / data.DATASETS["cifar10"].folder / "data_batch_3", "wb") as f:
         pickle.dump({"data": Payload(str(marker)), "labels": [0]}, f, protocol=2)
-    with pytest.raises(data.DataError, match=r"data_batch_3 is not a CIFAR-10 batch file \(refusing to load global io.open\)"):
-        data.load_cifar10(root, train=True)
+    with pytest.raises(data.DataError, match=r"data_batch_3 is not a CIFAR batch file \(refusing to load global io.open\)"):
+        data.load_cifar("cifar10", root, train=True)
     assert not marker.exists()
-    with open(root / data.BATCH_DIR / "data_batch_3", "rb") as f:  # the file really is armed
+    with open(root / data.DATASETS["cifar10"].folder / "data_batch_3", "rb") as f:  # the file really is armed
         pickle.load(f)
     assert marker.exists()
 
 
 def test_missing_and_malformed_files_name_the_file_and_the_fix(tmp_path):
     with pytest.raises(data.DataError, match="cifar-10-batches-py not found.*--download.*synthetic"):
-        data.load_cifar10(tmp_path, train=True)
+        data.load_cifar("cifar10", tmp_path, train=True)
     root = write_cifar_dir(tmp_path)
-    (root / data.BATCH_DIR / "test_batch").unlink()
+    (root / data.DATASETS["cifar10"].folder / "test_batch").unlink()
     with pytest.raises(data.DataError, match="test_batch not found; get the data with --download"):
-        data.load_cifar10(root, train=False)
-    (root / data.BATCH_DIR / "test_batch").write_bytes(b"not a pickle")
-    with pytest.raises(data.DataError, match="test_batch is not a CIFAR-10 batch file"):
-        data.load_cifar10(root, train=False)
-    with open(root / data.BATCH_DIR / "test_batch", "wb") as f:
+        data.load_cifar("cifar10", root, train=False)
+    (root / data.DATASETS["cifar10"].folder / "test_batch").write_bytes(b"not a pickle")
+    with pytest.raises(data.DataError, match="test_batch is not a CIFAR batch file"):
+        data.load_cifar("cifar10", root, train=False)
+    with open(root / data.DATASETS["cifar10"].folder / "test_batch", "wb") as f:
         pickle.dump({"data": [1, 2, 3], "labels": [0]}, f)
     with pytest.raises(data.DataError, match="test_batch: 'data' must be a uint8 array"):
-        data.load_cifar10(root, train=False)
+        data.load_cifar("cifar10", root, train=False)
+
+
+def test_cifar100_reads_fine_labels_and_refuses_labels_out_of_range(tmp_path):
+    root = write_cifar_dir(tmp_path, per_batch=8, dataset="cifar100")
+    x, y = data.load_cifar("cifar100", root, train=True)
+    with open(root / "cifar-100-python" / "train", "rb") as f:
+        raw = pickle.load(f, encoding="latin1")
+    assert x.shape == (40, 3, 32, 32) and y.tolist() == raw["fine_labels"]  # the 100 classes, not the 20 coarse ones
+    assert data.num_classes("cifar100") == 100 and data.load_cifar("cifar100", root, train=False)[0].shape[0] == 8
+    raw["fine_labels"][0] = 100
+    with open(root / "cifar-100-python" / "train", "wb") as f:
+        pickle.dump(raw, f, protocol=2)
+    with pytest.raises(data.DataError, match=r"train: labels must lie in 0\.\.99"):
+        data.load_cifar("cifar100", root, train=True)
+    with pytest.raises(data.DataError, match="cifar10 directory .* not found"):  # the other set is not there
+        data.load_cifar("cifar10", root, train=True)
+
+
+def test_download_fetches_over_http_checks_the_md5_and_unpacks(tmp_path, monkeypatch):
+    """The real downloader against a local HTTP server holding a tiny archive in the official layout."""
+    write_cifar_dir(tmp_path / "src", per_batch=4, dataset="cifar100")
+    archive = tmp_path / "serve" / "cifar-100-python.tar.gz"
+    archive.parent.mkdir()
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tmp_path / "src" / "cifar-100-python", arcname="cifar-100-python")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(archive.parent))
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{server.server_address[1]}/{archive.name}"
+        md5 = hashlib.md5(archive.read_bytes()).hexdigest()
+        monkeypatch.setitem(data.DATASETS, "cifar100", dataclasses.replace(data.DATASETS["cifar100"], url=url, md5="0" * 32))
+        with pytest.raises(data.DataError, match="does not have MD5 0+ .*delete it and run again"):  # a wrong checksum stops it
+            data.download("cifar100", tmp_path / "bad")
+        assert not (tmp_path / "bad" / "cifar-100-python").exists()
+        monkeypatch.setitem(data.DATASETS, "cifar100", dataclasses.replace(data.DATASETS["cifar100"], url=url, md5=md5))
+        data.download("cifar100", tmp_path / "good")
+        server.shutdown()
+    assert data.load_cifar("cifar100", tmp_path / "good", train=True)[0].shape == (20, 3, 32, 32)
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])

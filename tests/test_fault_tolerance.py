@@ -24,7 +24,8 @@ import torch
 from conftest import REPO, run_module
 from ddp import checkpoint
 from ddp.dist import Context
-from ddp.train import PREEMPTED_EXIT_CODE, find_resume_checkpoint
+from ddp.resume import find_resume_checkpoint
+from ddp.train import PREEMPTED_EXIT_CODE
 
 # 896 images / 128 per step = 7 steps per epoch, so a stop check every 10 steps lands mid-epoch.
 FLAGS = ["--model", "fastnet_small", "--dataset", "synthetic", "--synthetic-size", "896", "--batch-size", "128", "--epochs", "6",

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from conftest import run_module
-from ddp import checkpoint, models, train
+from ddp import checkpoint, models, resume
 from ddp.checkpoint.__main__ import main as cli_main
 from ddp.dist import Context
 
@@ -180,7 +180,7 @@ def test_layout_loads_everywhere(written, tmp_path, capsys, layout, name):
 
     model = build(name)
     args = argparse.Namespace(init_from=str(path), checkpoint_key=None, remap=[], min_match=0.5)
-    train.init_from(args, model, CPU)
+    resume.init_from(args, model, CPU)
     assert_same(model.state_dict(), expected)
 
     capsys.readouterr()
@@ -248,7 +248,7 @@ def test_init_from_that_loads_nothing_refuses(written, tmp_path, tiny_cifar):
     model = build("fastnet_small")
     args = argparse.Namespace(init_from=str(path), checkpoint_key=None, remap=[], min_match=0.5)
     with pytest.raises(checkpoint.CheckpointMismatchError, match=r"only 0% of .*--min-match 0"):
-        train.init_from(args, model, CPU)
+        resume.init_from(args, model, CPU)
     result = run_module(["ddp.train", "--dataset", "synthetic", "--synthetic-size", "64", "--batch-size", "32",
                          "--model", "fastnet_small", "--epochs", "1", "--init-from", str(path),
                          "--checkpoint-dir", str(tmp_path / "ck"), "--logdir", str(tmp_path / "runs")], tmp_path)

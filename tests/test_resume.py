@@ -79,7 +79,8 @@ def test_resume_from_gpu_checkpoint_on_one_cpu_process_continues_step_and_schedu
     after = torch.load(tmp_path / "checkpoints" / "latest.pt", weights_only=True)
     assert after["progress"]["step"] == 24 and after["scheduler"]["last_epoch"] == 24
     assert after["env"] == {"world_size": 1, "device": "cpu", "torch": torch.__version__}
-    lr = EventAccumulator(str(tmp_path / "runs" / "resumed")).Reload().Scalars("train/lr")
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["run"]  # the run the checkpoint names
+    lr = EventAccumulator(str(tmp_path / "runs" / "run")).Reload().Scalars("train/lr")
     assert [e.step for e in lr] == [20, 24]  # the step count continues from 16
     assert lr[-1].value < lr[0].value  # on the decaying schedule of the original run
 

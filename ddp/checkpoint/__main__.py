@@ -100,6 +100,9 @@ def _file_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
 
 
+RECORDED = "<recorded>"  # inspect --model without a name
+
+
 def _build_model(name: str, num_classes: int):
     from ddp import models  # lazily: the rest of the CLI works without the model zoo
 
@@ -126,6 +129,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         "keys": _key_rows(state),
     }
     diff = None
+    if args.model == RECORDED:
+        args.model = weights.info.get("model_name") or config.get("model")
+        if not args.model:
+            raise CheckpointError(f"{path} does not record its model; name it: --model NAME")
     if args.model:
         num_classes = args.num_classes if args.num_classes is not None else int(config.get("num_classes") or 10)
         model = _build_model(args.model, num_classes)
@@ -166,7 +173,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"progress    {fmt(info['progress'])}")
     print(f"metrics     {fmt(info['metrics'])}")
     print(f"saved with  {fmt(info['env'])}")
-    print(f"config      {fmt({k: config[k] for k in ('model', 'num_classes') if k in config})}")
+    print(f"config      {fmt({k: config[k] for k in ('model', 'dataset', 'num_classes') if k in config})}")
     print(f"contains    {', '.join(k for k, v in info['has'].items() if v) or 'model weights only'}")
     print(f"tensors     {info['num_tensors']} ({info['numel']:,} numbers)")
     print(f"prefixes    {prefixes}")
@@ -205,13 +212,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     diff = load_state_into(model, state, strict=True)  # as evaluate does: the weights must fit the model named
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     mean, std = [float(x) for x in CIFAR10_MEAN], [float(x) for x in CIFAR10_STD]
+    dataset = {"dataset": weights.info["dataset"]} if weights.info.get("dataset") else {}  # what it was trained on
     if args.safetensors or args.out.endswith(".safetensors"):
         _write_safetensors(state, args.out, {"format": WEIGHTS_FORMAT, "model_name": name,
                                              "num_classes": str(num_classes), "mean": json.dumps(mean),
-                                             "std": json.dumps(std)})
+                                             "std": json.dumps(std), **dataset})
     else:
         save_checkpoint({"format": WEIGHTS_FORMAT, "model": state, "model_name": name, "num_classes": num_classes,
-                         "mean": mean, "std": std}, args.out)
+                         "mean": mean, "std": std, **dataset}, args.out)
     notes = "".join(f"; {n}" for n in [weights.note, *diff.notes] if n)
     print(f"wrote {args.out}: {len(state)} tensors, model {name}, {num_classes} classes (from {weights.layout}{notes})")
     return 0
@@ -281,7 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     p = add("inspect", cmd_inspect, "show what a checkpoint holds and whether it fits a model")
-    p.add_argument("--model", help="diff the keys against ddp.models.build(MODEL)")
+    p.add_argument("--model", nargs="?", const=RECORDED, metavar="NAME",
+                   help="diff the keys against ddp.models.build(NAME); --model alone: the model the file records")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
     p = add("export", cmd_export, "write a weights-only file (model state + model name + normalisation), "

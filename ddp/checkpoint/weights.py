@@ -30,7 +30,7 @@ class Weights:
 
     state: dict[str, torch.Tensor]
     layout: str  # e.g. "Lightning checkpoint (pytorch-lightning 2.5.0), weights under 'state_dict'"
-    info: dict[str, Any] = field(default_factory=dict)  # model_name, num_classes where the file records them
+    info: dict[str, Any] = field(default_factory=dict)  # model_name, num_classes, dataset where the file records them
     stand_ins: list[str] = field(default_factory=list)  # pickled classes that were not imported
     weight_sets: list[str] = field(default_factory=list)  # every weight set in the file (for checkpoint_key)
     chosen: str | None = None  # the one in `state`
@@ -93,13 +93,14 @@ def _layout(loaded: Loaded, chosen: str) -> str:
 def _info(loaded: Loaded) -> dict[str, Any]:
     obj, meta = loaded.obj, loaded.metadata
     if meta.get("model_name"):  # our .safetensors exports
-        return {"model_name": meta["model_name"], **({"num_classes": json.loads(meta["num_classes"])}
-                                                     if "num_classes" in meta else {})}
+        return {"model_name": meta["model_name"], "dataset": meta.get("dataset"),
+                **({"num_classes": json.loads(meta["num_classes"])} if "num_classes" in meta else {})}
     if isinstance(obj, Mapping) and obj.get("format") == WEIGHTS_FORMAT:
-        return {"model_name": obj["model_name"], "num_classes": obj["num_classes"]}
+        return {"model_name": obj["model_name"], "num_classes": obj["num_classes"], "dataset": obj.get("dataset")}
     if isinstance(obj, Mapping) and obj.get("format") == FORMAT:
         config = obj.get("config") or {}
-        return {"model_name": config.get("model"), "num_classes": config.get("num_classes", 10)}
+        return {"model_name": config.get("model"), "num_classes": config.get("num_classes", 10),
+                "dataset": config.get("dataset")}
     return {}
 
 
