@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ddp import checkpoint, data, models
-from ddp.config import TTA_CHOICES, OneLineParser
+from ddp.config import DEFAULTS, TTA_CHOICES, OneLineParser
 from ddp.dist import Context, all_reduce_sum, log, process_group
 from ddp.optim import AMP_CHOICES, autocast, autocast_dtype
 
@@ -71,7 +71,7 @@ def build_parser() -> OneLineParser:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--data-dir", default="data")
     p.add_argument("--dataset", default=None, choices=data.DATASET_CHOICES,
-                   help="default: the one the checkpoint records, else cifar10")
+                   help=f"default: the one the checkpoint records, else {DEFAULTS['dataset']}")
     p.add_argument("--synthetic-size", type=int, default=4096, help="as given to ddp.train")
     p.add_argument("--amp", default="auto", choices=AMP_CHOICES,
                    help="mixed precision, as for ddp.train (the same flag gives the trainer's accuracy)")
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
             if name is None:
                 raise checkpoint.CheckpointFormatError(
                     f"{args.checkpoint} does not record its model; pass --model ({', '.join(models.MODELS)})")
-            dataset = args.dataset or weights.info.get("dataset") or "cifar10"
+            dataset = args.dataset or weights.info.get("dataset") or DEFAULTS["dataset"]
             model = models.build(name, args.num_classes or weights.info.get("num_classes") or data.num_classes(dataset))
             model = model.to(ctx.device, memory_format=torch.channels_last)
             diff = checkpoint.load_state_into(model, weights.state, strict=True)

@@ -69,6 +69,12 @@ class Muon(torch.optim.Optimizer):
         return loss
 
 
+def whiten_bias(model: nn.Module) -> nn.Parameter | None:
+    """The bias of fastnet's whitening layer (a conv named `whiten`), or None for models without one."""
+    whiten = getattr(model, "whiten", None)
+    return whiten.bias if isinstance(whiten, nn.Conv2d) else None
+
+
 def build_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
     """--optimizer over named parameter groups: conv filters (Muon's), BatchNorm biases, the whitening bias, the rest.
 
@@ -78,8 +84,8 @@ def build_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.O
     """
     muon = args.optimizer == "muon"
     bn_biases = {id(m.bias) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine}
-    whiten = getattr(model, "whiten", None)
-    whiten_bias = {id(whiten.bias)} if isinstance(whiten, nn.Conv2d) and whiten.bias is not None else set()
+    bias = whiten_bias(model)
+    whiten_bias_ids = {id(bias)} if bias is not None else set()
     trained = [p for p in model.parameters() if p.requires_grad]
     scale = args.bn_bias_lr_scale
     biases = {"lr": args.lr * scale, "weight_decay": args.weight_decay / scale}
@@ -87,9 +93,9 @@ def build_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.O
         {"name": "filters", "params": [p for p in trained if muon and p.ndim == 4], "orthogonalize": True,
          "lr": args.muon_lr, "momentum": args.muon_momentum, "weight_decay": 0.0},
         {"name": "other", "params": [p for p in trained if not (muon and p.ndim == 4)
-                                     and id(p) not in bn_biases | whiten_bias]},
+                                     and id(p) not in bn_biases | whiten_bias_ids]},
         {"name": "bn_biases", "params": [p for p in trained if id(p) in bn_biases], **biases},
-        {"name": "whiten_bias", "params": [p for p in trained if id(p) in whiten_bias], **biases},
+        {"name": "whiten_bias", "params": [p for p in trained if id(p) in whiten_bias_ids], **biases},
     ]
     groups = [g for g in groups if g["params"]]  # with SGD, "filters" is empty
     if muon:
@@ -126,12 +132,12 @@ def freeze_whiten_bias(model: nn.Module, epoch: int, whiten_bias_epochs: int) ->
     first conv group (a few percent of a step). DDP hooks the parameters that train when it is built:
     rebuild it when this returns True.
     """
-    whiten = getattr(model, "whiten", None)
-    if not isinstance(whiten, nn.Conv2d) or whiten.bias is None:
+    bias = whiten_bias(model)
+    if bias is None:
         return False
     trains = epoch < whiten_bias_epochs
-    changed = whiten.bias.requires_grad != trains
-    whiten.bias.requires_grad_(trains)
+    changed = bias.requires_grad != trains
+    bias.requires_grad_(trains)
     return changed
 
 

@@ -130,9 +130,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     }
     diff = None
     if args.model == RECORDED:
-        args.model = weights.info.get("model_name") or config.get("model")
-        if not args.model:
-            raise CheckpointError(f"{path} does not record its model; name it: --model NAME")
+        args.model = None
+        args.model, _ = _model_of(args, weights, config)  # the name the file records, or an error that says so
     if args.model:
         num_classes = args.num_classes if args.num_classes is not None else int(config.get("num_classes") or 10)
         model = _build_model(args.model, num_classes)
