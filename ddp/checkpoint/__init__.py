@@ -3,11 +3,12 @@
 Nothing here touches torch.distributed; the trainer decides which rank calls what. Every file we
 write is readable with torch.load(weights_only=True): tensors and plain Python types only.
 
-    dcp.py     DCP directories (torch.distributed.checkpoint) read whole without unpickling, written atomically
+    readers/   one reader per format family behind one dispatcher (read_checkpoint): torch zip/legacy,
+               safetensors (single, sharded, model directories), DCP directories read whole without unpickling
+    dcp_writer.py  a DCP directory written from one process, atomically
     keys.py    unwrap DDP/compile, strip/remap prefixes, diff keys against a model, load with a report
     lock.py    one run per checkpoint directory: rank 0's lock on DIR/.lock, stale temp files removed
     files.py   atomic save, CRC-checked load of torch files with one-line errors
-    formats.py one reader for every format: torch zip/legacy, safetensors (single, sharded), DCP directories
     unpickle.py  the allowlist for weights-only loads and the inert unpickler past it
     weights.py the weight sets a file holds, picking one, loading it into a model
     writer.py  background writes: a CPU copy of the state, then one write at a time on a thread
@@ -15,7 +16,7 @@ write is readable with torch.load(weights_only=True): tensors and plain Python t
     __main__   python -m ddp.checkpoint {inspect,export,convert}
 """
 
-from ddp.checkpoint.dcp import is_dcp_directory, read_dcp, write_dcp
+from ddp.checkpoint.dcp_writer import write_dcp
 from ddp.checkpoint.errors import (
     CheckpointCorruptError,
     CheckpointError,
@@ -34,7 +35,6 @@ from ddp.checkpoint.files import (
     load_checkpoint,
     save_checkpoint,
 )
-from ddp.checkpoint.formats import Loaded, read_checkpoint
 from ddp.checkpoint.keys import (
     WRAPPER_PREFIXES,
     KeyDiff,
@@ -48,6 +48,8 @@ from ddp.checkpoint.keys import (
     unwrap_model,
 )
 from ddp.checkpoint.lock import LOCK_NAME, NO_LOCK_ENV, RunLock, hold_run_lock
+from ddp.checkpoint.readers import Loaded, read_checkpoint
+from ddp.checkpoint.readers.dcp import is_dcp_directory, read_dcp
 from ddp.checkpoint.state import (
     capture_rng,
     epoch_checkpoint_name,

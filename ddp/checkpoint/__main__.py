@@ -16,7 +16,6 @@ import torch
 
 from ddp.checkpoint.errors import CheckpointError
 from ddp.checkpoint.files import FORMAT, WEIGHTS_FORMAT, atomic_write, save_checkpoint
-from ddp.checkpoint.formats import Loaded, read_checkpoint
 from ddp.checkpoint.keys import (
     WRAPPER_PREFIXES,
     align_prefixes,
@@ -26,6 +25,7 @@ from ddp.checkpoint.keys import (
     parse_remap,
     remap_prefixes,
 )
+from ddp.checkpoint.readers import Loaded, read_checkpoint
 from ddp.checkpoint.state import plain
 from ddp.checkpoint.weights import Weights, extract_weights
 
@@ -254,7 +254,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
             "env": train["env"] or {"world_size": 1, "device": "cpu", "torch": str(torch.__version__)},
             "rng": obj.get("rng") if ours else None}  # a foreign file's RNG state can't be mapped to ours
     if to == "dcp":
-        from ddp.checkpoint.dcp import write_dcp
+        from ddp.checkpoint.dcp_writer import write_dcp
 
         write_dcp({k: v for k, v in ckpt.items() if v is not None}, args.out)
     else:

@@ -13,8 +13,8 @@ from torch import nn
 
 from ddp.checkpoint.errors import CheckpointFormatError
 from ddp.checkpoint.files import FORMAT, WEIGHTS_FORMAT
-from ddp.checkpoint.formats import Loaded, read_checkpoint
 from ddp.checkpoint.keys import KeyDiff, load_state_into, remap_prefixes, strip_wrapper_prefixes, unwrap_model
+from ddp.checkpoint.readers import Loaded, read_checkpoint
 from ddp.checkpoint.unpickle import StandIn, module_state
 
 # Where other projects put weights; when a file holds several weight sets, the first of these present is

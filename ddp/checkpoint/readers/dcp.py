@@ -1,4 +1,4 @@
-"""torch.distributed.checkpoint (DCP) directories, read whole in one plain process and written atomically.
+"""torch.distributed.checkpoint (DCP) directories, read whole in one plain process.
 
 A DCP directory is `.metadata` (a pickle of DCP's dataclasses) plus `__<rank>_<n>.distcp` files, each a run
 of torch.save blobs: one per tensor chunk (a rank's shard, at its offsets in the full tensor) and one per
@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import io
 import os
-import secrets
-import shutil
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +20,9 @@ from ddp.checkpoint.errors import (
     CheckpointCorruptError,
     CheckpointError,
     CheckpointFormatError,
-    CheckpointWriteError,
     first_line,
 )
+from ddp.checkpoint.readers.loaded import Loaded
 from ddp.checkpoint.unpickle import StandIn, inert_loads, load_untrusted, refuse_hostile
 
 METADATA_NAME = ".metadata"
@@ -35,6 +32,15 @@ _REDO = "copy the whole directory again from where it was saved, or save it agai
 def is_dcp_directory(path: str | os.PathLike) -> bool:
     """True if `path` is a directory holding a DCP `.metadata` file."""
     return (Path(path) / METADATA_NAME).is_file()
+
+
+def claims(path: Path, head: bytes) -> bool:
+    return is_dcp_directory(path)
+
+
+def read(path: Path, map_location: Any, *, trust_pickle: bool = False) -> Loaded:
+    obj, names = read_dcp(path, map_location)
+    return Loaded(obj, "DCP directory", names)
 
 
 def _kind(obj: Any) -> str:
@@ -200,40 +206,3 @@ def read_dcp(path: str | os.PathLike, map_location: str | torch.device = "cpu") 
     _optimizer_keys(state)  # the parameter indices as they were saved: load_state_dict ignores "0"
     # DCP's own metadata classes always stand in: list only what the values (or odd metadata) named
     return state, sorted(blobs.names | {n for n in names if not n.startswith("torch.distributed.checkpoint.")})
-
-
-def write_dcp(state: dict, directory: str | os.PathLike) -> None:
-    """dcp.save `state` (nested dicts of tensors and plain values) from this one process, atomically.
-
-    Written into a hidden sibling and renamed into place: a failed write leaves nothing under `directory`.
-    """
-    import torch.distributed.checkpoint as dcp  # here: importing it costs every entry point ~0.6 s
-    from torch.distributed.checkpoint.api import CheckpointException
-
-    directory = Path(directory)
-    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
-        raise CheckpointWriteError(f"{directory} already exists and is not an empty directory; DCP writes a "
-                                   "directory of its own: pass a new path, or remove the old one first")
-    tmp = directory.with_name(f".{directory.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")  # dot: never a checkpoint
-    try:
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-        with warnings.catch_warnings():  # "assuming ... a single process": that is the point
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            # no_dist: no collectives even where a process group exists, as only the caller's rank writes
-            dcp.save(state, checkpoint_id=tmp, no_dist=True)
-        os.rename(tmp, directory)  # replaces an empty directory; fails rather than touch a filled one
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        # DCP wraps every failure in CheckpointException, a BaseException: name the real one inside it
-        cause = next(iter(e.failures.values()))[0] if isinstance(e, CheckpointException) and e.failures else e
-        if not isinstance(cause, Exception):  # Ctrl-C etc.: clean up but don't disguise it
-            raise
-        hint = "check free space and write permissions" if isinstance(cause, OSError) else \
-            "keep the state to tensors and plain Python values"
-        raise CheckpointWriteError(f"could not write DCP checkpoint {directory}: {first_line(cause)}; {hint} "
-                                   "(nothing was left under that name)") from e
-    fd = os.open(directory.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # the rename itself survives a crash
-    finally:
-        os.close(fd)

@@ -1,0 +1,46 @@
+"""One dispatcher behind every entry point: ask each reader "is this mine?", then let it read.
+
+Each module here reads one family of formats and answers two questions: `claims(path, head)` (is this
+file or directory mine? from its first bytes or its entries) and `read(path, map_location, trust_pickle)`
+(the tensors, and what the file says about itself, as a `Loaded`). Readers are asked in order; the first
+that claims a path reads it.
+
+    safetensors_file  .safetensors: 8-byte header length, then a JSON header
+    sharded           Hugging Face shard indexes (*.safetensors.index.json, *.bin.index.json)
+    dcp               torch.distributed.checkpoint directories (.metadata)
+    model_dir         a directory holding one model file or shard index
+    torch_file        torch.save: zip (since 1.6) and legacy pickles; the fallback for any other file
+
+Nothing from a file ever runs unless trust_pickle: pickles go through torch's weights-only loader with a
+scoped allowlist, then, for classes beyond it, through the inert unpickler (`unpickle.py`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from ddp.checkpoint.readers import dcp, model_dir, safetensors_file, sharded, torch_file
+from ddp.checkpoint.readers.loaded import HEAD_SIZE, Loaded, not_recognised
+
+FILE_READERS = (safetensors_file, sharded, torch_file)
+DIRECTORY_READERS = (dcp, model_dir)
+
+__all__ = ["DIRECTORY_READERS", "FILE_READERS", "Loaded", "read_checkpoint"]
+
+
+def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", *, trust_pickle: bool = False) -> Loaded:
+    """Read any checkpoint file or directory we recognise onto `map_location`, in a plain process."""
+    path = Path(path)
+    if path.is_dir():
+        readers, head = DIRECTORY_READERS, b""
+    elif path.is_file():
+        with open(path, "rb") as f:
+            readers, head = FILE_READERS, f.read(HEAD_SIZE)
+    else:
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    for reader in readers:
+        if reader.claims(path, head):
+            return reader.read(path, map_location, trust_pickle=trust_pickle)
+    raise not_recognised(path)
