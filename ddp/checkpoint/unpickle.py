@@ -20,6 +20,7 @@ import io
 import pickle
 from typing import IO, Any, ClassVar, Self
 
+import numpy as np
 import torch
 
 from ddp.checkpoint.errors import UntrustedPickleError
@@ -35,7 +36,10 @@ HOSTILE_MODULES = frozenset({
 })
 MAX_DEPTH = 100  # containers inside containers; real checkpoints stay under 10
 MAX_NAMES = 4096  # distinct classes a pickle may name
-NOT_CALLABLE = (torch.Tensor, torch.nn.Parameter)  # allowed as values (a tensor subclass tag), never called
+MAX_CALLS = 200_000  # objects a pickle may construct: ~3 per tensor, and real files hold far fewer than 50k
+# classes in SAFE_GLOBALS that may be called; the others (torch.Tensor, Parameter, ndarray) are only values
+CALLABLE_CLASSES = frozenset(v for v in SAFE_GLOBALS.values() if isinstance(v, type)
+                             and v not in (torch.Tensor, torch.nn.Parameter, np.ndarray))
 
 
 class StandIn:
@@ -105,6 +109,7 @@ class InertUnpickler(pickle._Unpickler):  # the pure-Python unpickler: each opco
     def __init__(self, file: IO[bytes], persistent_load: Any = None, *, names_only: bool = False):
         super().__init__(file, encoding="latin1")
         self.names_only = names_only  # every name a stand-in but storages: a first pass that only looks
+        self.calls = 0
         self.stand_ins: dict[str, type[StandIn]] = {}
         self._persistent_load = persistent_load
         self._depth: dict[int, tuple[Any, int]] = {}  # id -> (object, nesting) for tuples and frozensets
@@ -132,8 +137,10 @@ class InertUnpickler(pickle._Unpickler):  # the pure-Python unpickler: each opco
 
     # -- calls: only our checked functions, and stand-ins
     def _call(self, func: Any, args: Any, kwargs: Any = None) -> Any:
-        if isinstance(func, type) and (func in NOT_CALLABLE or not (issubclass(func, StandIn) or
-                                                                  func in SAFE_GLOBALS.values())):
+        self.calls += 1
+        if self.calls > MAX_CALLS:
+            raise pickle.UnpicklingError(f"the pickle makes more than {MAX_CALLS:,} objects; no checkpoint does")
+        if isinstance(func, type) and not (issubclass(func, StandIn) or func in CALLABLE_CLASSES):
             raise pickle.UnpicklingError(f"refused to construct {getattr(func, '__name__', '?')}")
         if not callable(func) or not isinstance(args, tuple) or not isinstance(kwargs or {}, dict):
             raise pickle.UnpicklingError(f"refused to call {type(func).__name__}")
@@ -146,11 +153,11 @@ class InertUnpickler(pickle._Unpickler):  # the pure-Python unpickler: each opco
 
     def load_reduce(self) -> None:
         args = self.stack.pop()
-        self.stack[-1] = self._track(self._call(self.stack[-1], args))
+        self.stack[-1] = self._track(self._call(self.stack[-1], args), args)
 
     def load_newobj(self) -> None:
         args = self.stack.pop()
-        self.append(self._call(self.stack.pop(), args))
+        self.append(self._track(self._call(self.stack.pop(), args), args))
 
     def load_newobj_ex(self) -> None:
         kwargs, args = self.stack.pop(), self.stack.pop()
@@ -184,10 +191,13 @@ class InertUnpickler(pickle._Unpickler):  # the pure-Python unpickler: each opco
         else:
             raise pickle.UnpicklingError(f"refused to set the state of {type(inst).__name__}")
 
-    # -- bounded nesting of what gets hashed (tuples, frozensets): hash() recurses in C without a guard
-    def _track(self, obj: Any) -> Any:
-        if isinstance(obj, (tuple, frozenset)):
-            depth = 1 + max((self._depth.get(id(x), (None, 0))[1] for x in obj), default=0)
+    # -- bounded nesting of what is built from its parts at once (tuples, frozensets, calls): hash() and
+    # some deallocators recurse in C without a guard, and a chain a million deep should fail at its 101st link
+    def _track(self, obj: Any, parts: Any = None) -> Any:
+        """Record how deep `obj` nests: one more than the deepest of its parts (itself, for a tuple)."""
+        parts = obj if parts is None else parts
+        if isinstance(parts, (tuple, frozenset)):
+            depth = 1 + max((self._depth.get(id(x), (None, 0))[1] for x in parts), default=0)
             if depth > MAX_DEPTH:
                 raise pickle.UnpicklingError(f"objects nested more than {MAX_DEPTH} deep")
             self._depth[id(obj)] = (obj, depth)

@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ddp.checkpoint.errors import CheckpointNotFoundError
+from ddp.checkpoint.errors import CheckpointFormatError, CheckpointNotFoundError
 from ddp.checkpoint.readers import dcp, model_dir, safetensors_file, sharded, torch_file
 from ddp.checkpoint.readers.loaded import HEAD_SIZE, Loaded, not_recognised
 
@@ -39,6 +39,8 @@ def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", *, trust
     elif path.is_file():
         with open(path, "rb") as f:
             readers, head = FILE_READERS, f.read(HEAD_SIZE)
+    elif path.exists():  # a FIFO, socket or device: reading it would block or never end
+        raise CheckpointFormatError(f"{path} is not a regular file or directory; pass a checkpoint file")
     else:
         raise CheckpointNotFoundError(f"checkpoint not found: {path}")
     for reader in readers:

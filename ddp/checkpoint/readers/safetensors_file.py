@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ddp.checkpoint.errors import CheckpointCorruptError, CheckpointFormatError, first_line
+from ddp.checkpoint.errors import CheckpointCorruptError, CheckpointError, CheckpointFormatError, first_line
 from ddp.checkpoint.readers.loaded import MAX_TENSORS, Loaded, open_regular
 
 
@@ -33,6 +33,8 @@ def read(path: Path, map_location: Any, *, trust_pickle: bool = False) -> Loaded
                                             f"({MAX_TENSORS:,}); refused")
             state = {k: f.get_tensor(k) for k in keys}
             return Loaded(state, "safetensors", metadata=dict(f.metadata() or {}))
+    except CheckpointError:
+        raise
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointCorruptError(f"{path} is a damaged safetensors file ({first_line(e, 120)}); delete it "
                                      "or pick another file") from e
