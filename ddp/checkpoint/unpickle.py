@@ -112,6 +112,14 @@ class StandIn:
         return f"<stand-in for {self.name}>"
 
 
+# the getattr calls torch.save(torch.compile(model)) pickles: (class of the object, attribute name)
+COMPILED_GETATTRS = frozenset({("torch._TorchCompileInductorWrapper", "get_compiler_config")})
+
+
+class _CompiledGetattr(StandIn):
+    name = "torch._TorchCompileInductorWrapper.get_compiler_config"
+
+
 class _StorageTag:
     """A storage class as named in a torch pickle: only its dtype is needed, nothing to call."""
 
@@ -148,9 +156,24 @@ class _InertUnpickler(pickle._Unpickler):  # the pure-Python unpickler: its BUIL
             return _StorageTag(torch.uint8 if name == "UntypedStorage" else allowed.dtype)
         if allowed is not None:
             return allowed
+        if full == "builtins.getattr":  # torch.save(torch.compile(model)) pickles one: see _getattr
+            return self._getattr
+        return self._stand_in(full)
+
+    def _stand_in(self, full: str) -> type[StandIn]:
         if full not in self.stand_ins:
-            self.stand_ins[full] = type(name, (StandIn,), {"name": full, "__module__": __name__})
+            self.stand_ins[full] = type(full.rsplit(".", 1)[-1], (StandIn,), {"name": full, "__module__": __name__})
         return self.stand_ins[full]
+
+    def _getattr(self, obj: Any, name: Any, *default: Any) -> StandIn:
+        """getattr, never called: what torch.compile's OptimizedModule pickles passes; any other use is refused.
+
+        torch pickles the Inductor backend's `get_compiler_config` accessor as getattr(wrapper, name). The
+        result stands in like a class would; anything else names builtins.getattr, which refuse_hostile refuses.
+        """
+        if not default and isinstance(obj, StandIn) and (obj.name, name) in COMPILED_GETATTRS:
+            return _CompiledGetattr(obj, name)
+        return self._stand_in("builtins.getattr")(obj, name, *default)  # recorded, hence refused
 
     def persistent_load(self, pid: Any) -> Any:
         if self._persistent_load is None:
