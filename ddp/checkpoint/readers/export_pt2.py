@@ -88,7 +88,12 @@ def _read_weights(archive: zipfile.ZipFile, config_name: str, map_location: Any)
             raise CheckpointFormatError(f"weight {name} points at {record!r}, not a record in {folder}/")
         raw = archive.read(f"{folder}/{record}")
         if entry.get("use_pickle"):  # a tensor subclass torch.save'd into the record: read like any untrusted file
-            value, _ = load_untrusted(io.BytesIO(raw), map_location, f"weight {name}")
+            try:
+                value, _ = load_untrusted(io.BytesIO(raw), map_location, f"weight {name}")
+            except CheckpointError:
+                raise
+            except Exception as e:  # not a torch.save blob at all
+                raise CheckpointCorruptError(f"weight {name}: its pickled record does not load ({first_line(e)})") from e
             if not isinstance(value, torch.Tensor):
                 raise CheckpointFormatError(f"weight {name} unpickles to {type(value).__name__}, not a tensor")
             state[name] = value
