@@ -433,7 +433,10 @@ def test_gzip_bounds(tmp_path):
 def test_crafted_pt2_weight_maps_are_refused(written, tmp_path):
     src = written["pt2", "fastnet_small"][0]
 
-    def variant(change) -> Path:
+    marker, evil = tmp_path / "pwned", tmp_path / "evil.pt"
+    torch.save({"x": Payload(marker)}, evil)
+
+    def variant(change, first_weight: bytes | None = None) -> Path:
         out = tmp_path / f"v{len(list(tmp_path.iterdir()))}.pt2"
         with zipfile.ZipFile(src) as archive, zipfile.ZipFile(out, "w") as dst:
             for record in archive.infolist():
@@ -442,6 +445,8 @@ def test_crafted_pt2_weight_maps_are_refused(written, tmp_path):
                     config = json.loads(data)
                     change(next(iter(config["config"].values())))
                     data = json.dumps(config).encode()
+                elif record.filename.endswith("/weights/weight_0") and first_weight is not None:
+                    data = first_weight
                 dst.writestr(record, data)
         return out
 
@@ -459,3 +464,6 @@ def test_crafted_pt2_weight_maps_are_refused(written, tmp_path):
                                    (pickled, checkpoint.CheckpointCorruptError, "pickled record does not load")]:
         with pytest.raises(error, match=message):
             checkpoint.load_weights(variant(change))
+    with pytest.raises(checkpoint.UntrustedPickleError, match="posix.system"):  # a payload in a pickled weight
+        checkpoint.load_weights(variant(pickled, evil.read_bytes()))
+    assert not marker.exists()
