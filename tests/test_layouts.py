@@ -375,6 +375,24 @@ def test_deepspeed_latest_tag_stays_inside(tmp_path, tag):
 # ----------------------------------------------------------------------------- hostile variants: nothing runs
 
 
+class Config:
+    pass
+
+
+class OtherGetattr:
+    """getattr(obj, "get_compiler_config") on anything but torch's Inductor wrapper: not what torch.compile pickles."""
+
+    def __reduce__(self):
+        return getattr, (Config(), "get_compiler_config")
+
+
+def test_only_torch_compiles_getattr_is_tolerated(written, tmp_path):
+    assert checkpoint.load_weights(written["compiled", "fastnet_small"][0]).state  # torch's own getattr: read
+    torch.save({"state_dict": build("fastnet_small").state_dict(), "x": OtherGetattr()}, tmp_path / "e.pt")
+    with pytest.raises(checkpoint.UntrustedPickleError, match="builtins.getattr"):
+        checkpoint.load_weights(tmp_path / "e.pt")
+
+
 def test_payload_in_a_torchscript_archive_is_refused(written, tmp_path):
     marker = tmp_path / "pwned"
     src, evil = written["torchscript", "fastnet_small"][0], tmp_path / "evil.pt"
@@ -451,7 +469,10 @@ def test_crafted_pt2_weight_maps_are_refused(written, tmp_path):
         return out
 
     def past_the_end(entry):
-        entry["tensor_meta"]["sizes"][0]["as_int"] *= 1000
+        entry["tensor_meta"]["strides"][0]["as_int"] *= 1000
+
+    def broadcast_bomb(entry):  # 2**40 elements over one stored row: refused before anything is allocated
+        entry["tensor_meta"]["sizes"][0]["as_int"], entry["tensor_meta"]["strides"][0]["as_int"] = 1 << 40, 0
 
     def outside(entry):
         entry["path_name"] = "../../models/model.json"
@@ -460,6 +481,7 @@ def test_crafted_pt2_weight_maps_are_refused(written, tmp_path):
         entry["use_pickle"] = True
 
     for change, error, message in [(past_the_end, checkpoint.CheckpointCorruptError, "reaches past"),
+                                   (broadcast_bomb, checkpoint.CheckpointFormatError, "more elements than"),
                                    (outside, checkpoint.CheckpointFormatError, "not a record in"),
                                    (pickled, checkpoint.CheckpointCorruptError, "pickled record does not load")]:
         with pytest.raises(error, match=message):

@@ -165,15 +165,15 @@ class _InertUnpickler(pickle._Unpickler):  # the pure-Python unpickler: its BUIL
             self.stand_ins[full] = type(full.rsplit(".", 1)[-1], (StandIn,), {"name": full, "__module__": __name__})
         return self.stand_ins[full]
 
-    def _getattr(self, obj: Any, name: Any, *default: Any) -> StandIn:
+    def _getattr(self, *args: Any) -> StandIn:
         """getattr, never called: what torch.compile's OptimizedModule pickles passes; any other use is refused.
 
         torch pickles the Inductor backend's `get_compiler_config` accessor as getattr(wrapper, name). The
         result stands in like a class would; anything else names builtins.getattr, which refuse_hostile refuses.
         """
-        if not default and isinstance(obj, StandIn) and (obj.name, name) in COMPILED_GETATTRS:
-            return _CompiledGetattr(obj, name)
-        return self._stand_in("builtins.getattr")(obj, name, *default)  # recorded, hence refused
+        if len(args) == 2 and isinstance(args[0], StandIn) and (args[0].name, args[1]) in COMPILED_GETATTRS:
+            return _CompiledGetattr(*args)
+        return self._stand_in("builtins.getattr")(*args)  # recorded, hence refused
 
     def persistent_load(self, pid: Any) -> Any:
         if self._persistent_load is None:

@@ -67,8 +67,7 @@ def _placeholders(module: Any, shapes: Any) -> list[str]:
 
 def read(path: Path, map_location: Any, *, trust_pickle: bool = False) -> Loaded:
     if path.is_dir():
-        tag = _states_file(path) and path
-        directory = tag or _tag_directory(path)
+        directory = path if _states_file(path) else _tag_directory(path)
         if directory is None:
             raise CheckpointFormatError(f"{path} has no 'latest' tag file; pass one of its global_step* directories")
         path = _states_file(directory)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import re
 import zipfile
 from pathlib import Path
@@ -66,6 +67,8 @@ def _tensor(name: str, meta: Any, raw: bytes) -> torch.Tensor:
         raise CheckpointFormatError(f"weight {name}: {len(sizes)} sizes but {len(strides)} strides, or a record of "
                                     f"{len(raw)} bytes for {itemsize}-byte elements")
     count = len(raw) // itemsize
+    if math.prod(sizes) > count:  # more elements than stored: only stride-0 aliasing could, and we allocate them
+        raise CheckpointFormatError(f"weight {name}: shape {sizes} has more elements than its {count} stored ones")
     if 0 not in sizes and offset + sum((s - 1) * st for s, st in zip(sizes, strides, strict=True)) >= count:
         raise CheckpointCorruptError(f"weight {name}: shape {sizes} with strides {strides} reaches past its "
                                      f"{count} stored elements; the file is damaged")
