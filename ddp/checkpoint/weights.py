@@ -28,8 +28,8 @@ from ddp.checkpoint.unpickle import StandIn, module_state
 # loaded (timm: state_dict before state_dict_ema; DINO: teacher before student) unless checkpoint_key says.
 STATE_KEYS = ("model", "state_dict", "model_state_dict", "net", "module", "network", "teacher", "student",
               "model_ema", "state_dict_ema", "ema")
-DEFAULT_MIN_MATCH = 0.5
-COMPILED_MODULE = "torch._dynamo.eval_frame.OptimizedModule"  # torch.save(torch.compile(model)) pickles one  # a partial load must cover at least this fraction of the model's parameters
+DEFAULT_MIN_MATCH = 0.5  # a partial load must cover at least this fraction of the model's parameters
+COMPILED_MODULE = "torch._dynamo.eval_frame.OptimizedModule"  # what torch.save(torch.compile(model)) pickles
 
 
 @dataclass
