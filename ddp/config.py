@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ddp import data, models
-from ddp.checkpoint import parse_remap
+from ddp.checkpoint import CheckpointFormatError, parse_remap
 from ddp.optim import AMP_CHOICES
 
 DEFAULTS = {"model": "fastnet", "dataset": "cifar10"}  # unless a resumed checkpoint names others
@@ -197,12 +197,26 @@ def resolve(args: argparse.Namespace, recorded: dict[str, Any] | None) -> None:
     checkpoint's, whatever --run-name says (a resumed, restarted or requeued run continues its own run),
     else --run-name (default RUN_NAME) formatted over the flags.
     """
-    recorded = recorded or {}
+    recorded = recorded if isinstance(recorded, dict) else {}
     for name, default in DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, recorded.get(name) or default)
-    name = recorded.get("run_name") or (args.run_name or RUN_NAME).format(**vars(args))
+            if recorded.get(name):  # what a file says is checked like a flag, and never imports anything
+                _check_recorded(name, recorded[name])
+    run_name = recorded.get("run_name")
+    name = run_name if isinstance(run_name, str) and run_name else (args.run_name or RUN_NAME).format(**vars(args))
     args.run_name = name.replace(":", "_")  # from torchvision:NAME; ':' in a path trips up some tools
+
+
+def _check_recorded(flag: str, value: Any) -> None:
+    try:
+        if flag == "model":
+            models.find_builder(value, recorded=True)
+        elif value not in data.DATASET_CHOICES:
+            raise ValueError(f"the checkpoint records dataset {str(value)[:40]!r}, which this code does not know; "
+                             f"pass --dataset ({', '.join(data.DATASET_CHOICES)})")
+    except (ValueError, TypeError) as e:
+        raise CheckpointFormatError(str(e)) from None
 
 
 def to_dict(args: argparse.Namespace) -> dict[str, Any]:

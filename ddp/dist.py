@@ -20,6 +20,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from ddp.checkpoint.errors import printable
+
 
 @dataclass(frozen=True)
 class Context:
@@ -98,7 +100,11 @@ class PeerFailedError(RuntimeError):
 
 
 def log(message: str, *, every_rank: bool = False) -> None:
-    """Print on global rank 0; with every_rank, other ranks print too, prefixed with their rank."""
+    """Print on global rank 0; with every_rank, other ranks print too, prefixed with their rank.
+
+    Control characters are escaped: messages quote names read from checkpoints, which may hold escape sequences.
+    """
+    message = "\n".join(printable(line) for line in str(message).split("\n"))
     rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
     if rank == 0:
         print(message, flush=True)

@@ -92,7 +92,11 @@ def main(argv: list[str] | None = None) -> None:
                 raise checkpoint.CheckpointFormatError(
                     f"{args.checkpoint} does not record its model; pass --model ({', '.join(models.MODELS)})")
             dataset = args.dataset or weights.info.get("dataset") or DEFAULTS["dataset"]
-            model = models.build(name, args.num_classes or weights.info.get("num_classes") or data.num_classes(dataset))
+            if dataset not in data.DATASET_CHOICES:
+                raise checkpoint.CheckpointFormatError(f"{args.checkpoint} records dataset {str(dataset)[:40]!r}, "
+                                                       f"which this code does not know; pass --dataset")
+            model = models.build(name, args.num_classes or weights.info.get("num_classes") or data.num_classes(dataset),
+                                 recorded=args.model is None)
             model = model.to(ctx.device, memory_format=torch.channels_last)
             diff = checkpoint.load_state_into(model, weights.state, strict=True)
             for note in [weights.note, *diff.notes]:

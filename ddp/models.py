@@ -124,8 +124,14 @@ NAME_HELP = ("one of: " + ", ".join(MODELS) + "; torchvision:NAME for any torchv
              "(e.g. torchvision:resnet50); MODULE:NAME for a model that MODULE registers with @ddp.models.register")
 
 
-def find_builder(name: str) -> Callable[..., nn.Module]:
-    """The builder for a model name; ValueError with what to do when there is none."""
+def find_builder(name: str, *, recorded: bool = False) -> Callable[..., nn.Module]:
+    """The builder for a model name; ValueError with what to do when there is none.
+
+    recorded: the name comes from a file, not from the user, so it may not import a module: a file never
+    chooses what code runs.
+    """
+    if not isinstance(name, str) or not name or len(name) > 200:
+        raise ValueError(f"model name {str(name)[:40]!r} is not a name; pass --model NAME")
     module, sep, short = name.rpartition(":")
     if not sep:
         if name not in MODELS:
@@ -139,6 +145,11 @@ def find_builder(name: str) -> Callable[..., nn.Module]:
             raise ValueError(f"{short!r} is not a torchvision classification model; choose one of "
                              f"torchvision.models.list_models(module=torchvision.models), e.g. resnet18, vit_b_16")
         return lambda num_classes=10: torchvision.models.get_model(short, weights=None, num_classes=num_classes)
+    if recorded and short in MODELS:  # the user's own code registered it already
+        return MODELS[short]
+    if recorded:
+        raise ValueError(f"the checkpoint records model {name!r}, which would import module {module!r}; a file never "
+                         f"chooses what gets imported: pass --model {name} if you trust that module")
     try:
         importlib.import_module(module)  # registers its models
     except ImportError as e:
@@ -150,6 +161,9 @@ def find_builder(name: str) -> Callable[..., nn.Module]:
     return MODELS[short]
 
 
-def build(name: str, num_classes: int = 10) -> nn.Module:
-    """Build a model by name (see the module docstring), untrained, with `num_classes` outputs."""
-    return find_builder(name)(num_classes=num_classes)
+def build(name: str, num_classes: int = 10, *, recorded: bool = False) -> nn.Module:
+    """Build a model by name (see the module docstring), untrained, with `num_classes` outputs.
+
+    recorded=True for a name read from a checkpoint: it may name a registered model, never a module to import.
+    """
+    return find_builder(name, recorded=recorded)(num_classes=num_classes)

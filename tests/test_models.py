@@ -58,8 +58,9 @@ def tinynet(num_classes: int = 10) -> nn.Module:
 """
 
 
-def test_your_own_model_on_cifar100_trains_evaluates_inspects_and_resumes_with_no_extra_flags(tmp_path):
-    """`--model my_models:tinynet --dataset cifar100` once; every later command reads both from the checkpoint."""
+def test_your_own_model_on_cifar100_trains_evaluates_inspects_and_resumes_with_only_its_model_flag(tmp_path):
+    """`--model my_models:tinynet --dataset cifar100` once; later commands take the data set and class count from
+    the checkpoint, and the model only from the user: a name in a file never imports its module."""
     (tmp_path / "my_models.py").write_text(MY_MODELS)
     write_cifar_dir(tmp_path / "data", per_batch=40, dataset="cifar100")
     common = ["--data-dir", "data", "--batch-size", "40", "--optimizer", "sgd", "--lr", "0.05", "--bn-bias-lr-scale", "1"]
@@ -71,20 +72,33 @@ def test_your_own_model_on_cifar100_trains_evaluates_inspects_and_resumes_with_n
     assert ckpt["config"]["model"] == "my_models:tinynet" and ckpt["config"]["num_classes"] == 100
     assert ckpt["model"]["9.weight"].shape == (100, 32)
 
-    evaluated = run_module(["ddp.evaluate", "--checkpoint", "checkpoints/latest.pt", "--data-dir", "data"], cwd=tmp_path)
+    # the module is importable from here, yet the recorded name alone imports nothing: each command says what to pass
+    for command in (["ddp.evaluate", "--checkpoint", "checkpoints/latest.pt", "--data-dir", "data"],
+                    ["ddp.checkpoint", "inspect", "checkpoints/latest.pt", "--model"],
+                    ["ddp.checkpoint", "export", "checkpoints/latest.pt", "tinynet.safetensors"],
+                    ["ddp.train", "--epochs", "2", *common]):
+        refused = run_module(command, cwd=tmp_path)
+        out = refused.stdout + refused.stderr
+        assert refused.returncode != 0 and "pass --model my_models:tinynet if you trust that module" in out, out
+        assert "Traceback" not in out and len(out.strip().splitlines()) == 1, out
+    mine = ["--model", "my_models:tinynet"]
+    evaluated = run_module(["ddp.evaluate", "--checkpoint", "checkpoints/latest.pt", "--data-dir", "data", *mine],
+                           cwd=tmp_path)
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
     assert "my_models:tinynet on 40 cifar100 test images" in evaluated.stdout
-    inspected = run_module(["ddp.checkpoint", "inspect", "checkpoints/latest.pt", "--model"], cwd=tmp_path)
+    inspected = run_module(["ddp.checkpoint", "inspect", "checkpoints/latest.pt", *mine], cwd=tmp_path)
     assert inspected.returncode == 0, inspected.stderr[-2000:]
     assert "vs my_models:tinynet (100 classes)" in inspected.stdout
-    exported = run_module(["ddp.checkpoint", "export", "checkpoints/latest.pt", "tinynet.safetensors"], cwd=tmp_path)
+    exported = run_module(["ddp.checkpoint", "export", "checkpoints/latest.pt", "tinynet.safetensors", *mine],
+                          cwd=tmp_path)
     assert exported.returncode == 0, exported.stderr[-2000:]
-    evaluated = run_module(["ddp.evaluate", "--checkpoint", "tinynet.safetensors", "--data-dir", "data"], cwd=tmp_path)
+    evaluated = run_module(["ddp.evaluate", "--checkpoint", "tinynet.safetensors", "--data-dir", "data", *mine],
+                           cwd=tmp_path)
     assert "my_models:tinynet on 40 cifar100 test images" in evaluated.stdout, evaluated.stderr[-2000:]
-    resumed = run_module(["ddp.train", "--epochs", "2", *common], cwd=tmp_path)  # no --model, no --dataset
+    resumed = run_module(["ddp.train", "--epochs", "2", *mine, *common], cwd=tmp_path)  # no --dataset
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-4000:]
     assert "resumed from checkpoints/latest.pt: epoch 1" in resumed.stdout and "epoch 2/2" in resumed.stdout
-    assert "--model" not in resumed.stdout and "--dataset" not in resumed.stdout  # only --epochs is noted as changed
+    assert "--dataset" not in resumed.stdout  # only --epochs is noted as changed
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["my_models_tinynet-cifar100-seed0"]
 
 

@@ -154,7 +154,7 @@ def test_evaluate_checkpoint_and_its_export_agree(trained, tmp_path):
 def test_user_errors_are_one_line_without_traceback(trained, tmp_path):
     (tmp_path / "garbage.pt").write_bytes(b"\x00" * 100)
     wrong_model = ["--model", "resnet18", "--resume", str(trained / "checkpoints" / "latest.pt")]
-    for flags, message in [(["--resume", "garbage.pt"], "garbage.pt is not a readable checkpoint"),
+    for flags, message in [(["--resume", "garbage.pt"], "garbage.pt is in no checkpoint format this reader knows"),
                            (wrong_model, "checkpoint does not fit ResNet: ")]:
         result = run_module(["ddp.train", *SMALL, "--epochs", "3", *flags], cwd=tmp_path)
         assert result.returncode == 1

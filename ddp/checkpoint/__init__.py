@@ -8,8 +8,8 @@ write is readable with torch.load(weights_only=True): tensors and plain Python t
     dcp_writer.py  a DCP directory written from one process, atomically
     keys.py    unwrap DDP/compile, strip/remap prefixes, diff keys against a model, load with a report
     lock.py    one run per checkpoint directory: rank 0's lock on DIR/.lock, stale temp files removed
-    files.py   atomic save, CRC-checked load of torch files with one-line errors
-    unpickle.py  the allowlist for weights-only loads and the inert unpickler past it
+    files.py   atomic save, with one-line errors
+    unpickle.py  the inert unpickler every pickle goes through; rebuild.py  the checked callables it may reach
     weights.py the weight sets a file holds, picking one, loading it into a model
     writer.py  background writes: a CPU copy of the state, then one write at a time on a thread
     state.py   the full training-state dict, RNG, the checkpoint directory (latest/best/epoch files)
@@ -32,7 +32,6 @@ from ddp.checkpoint.files import (
     FORMAT,
     LATEST_NAME,
     WEIGHTS_FORMAT,
-    load_checkpoint,
     save_checkpoint,
 )
 from ddp.checkpoint.keys import (
@@ -50,6 +49,7 @@ from ddp.checkpoint.keys import (
 from ddp.checkpoint.lock import LOCK_NAME, NO_LOCK_ENV, RunLock, hold_run_lock
 from ddp.checkpoint.readers import Loaded, read_checkpoint
 from ddp.checkpoint.readers.dcp import is_dcp_directory, read_dcp
+from ddp.checkpoint.readers.torch_file import load_checkpoint
 from ddp.checkpoint.state import (
     capture_rng,
     epoch_checkpoint_name,

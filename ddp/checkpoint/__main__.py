@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ddp.checkpoint.errors import CheckpointError
+from ddp.checkpoint.errors import CheckpointError, printable
 from ddp.checkpoint.files import FORMAT, WEIGHTS_FORMAT, atomic_write, save_checkpoint
 from ddp.checkpoint.keys import (
     WRAPPER_PREFIXES,
@@ -28,7 +29,7 @@ from ddp.checkpoint.keys import (
 )
 from ddp.checkpoint.readers import Loaded, read_checkpoint
 from ddp.checkpoint.state import plain
-from ddp.checkpoint.weights import Weights, extract_weights
+from ddp.checkpoint.weights import MAX_CLASSES, Weights, extract_weights
 
 PROG = "python -m ddp.checkpoint"
 
@@ -63,7 +64,9 @@ TRAINING_PARTS = ("optimizer", "scheduler", "scaler", "lookahead")  # the resuma
 def _training_state(obj: Any) -> dict[str, Any]:
     """Optimizer/scheduler/scaler/lookahead state and progress/metrics from our format, or guessed from a foreign dict."""
     if isinstance(obj, Mapping) and obj.get("format") == FORMAT:
-        return {k: obj.get(k) for k in (*TRAINING_PARTS, "progress", "metrics", "config", "env")}
+        parts = {k: obj.get(k) for k in (*TRAINING_PARTS, "progress", "metrics", "config", "env")}
+        # a file's word on these is shown, not trusted: a list where a dict belongs is shown as nothing
+        return {k: v if k in TRAINING_PARTS or isinstance(v, Mapping) else None for k, v in parts.items()}
     obj = obj if isinstance(obj, Mapping) else {}
 
     def state_dict(value: Any) -> Any:
@@ -89,6 +92,12 @@ def _training_state(obj: Any) -> dict[str, Any]:
             "config": config, "env": None}
 
 
+def _say(text: str) -> None:
+    """Print a report line by line, control characters escaped: keys and class names come from the file."""
+    for line in str(text).split("\n"):
+        print(printable(line))
+
+
 def _size(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1024 or unit == "GB":
@@ -98,16 +107,23 @@ def _size(n: float) -> str:
 
 
 def _file_size(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
+    """Bytes of a file, or of the regular files directly in a directory (what the readers read)."""
+    if not path.is_dir():
+        return path.stat().st_size
+    return sum(e.stat(follow_symlinks=False).st_size for e in os.scandir(path) if e.is_file(follow_symlinks=False))
 
 
 RECORDED = "<recorded>"  # inspect --model without a name
 
 
-def _build_model(name: str, num_classes: int):
+def _build_model(name: str, num_classes: int, recorded: bool = False):
+    """The model to check the weights against; `recorded`: the name came from the file, so it imports nothing."""
     from ddp import models  # lazily: the rest of the CLI works without the model zoo
 
-    return models.build(name, num_classes)
+    try:
+        return models.build(name, num_classes, recorded=recorded)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def _key_rows(state: Mapping[str, torch.Tensor]) -> list[dict[str, Any]]:
@@ -132,10 +148,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     diff = None
     if args.model == RECORDED:
         args.model = None
-        args.model, _ = _model_of(args, weights, config)  # the name the file records, or an error that says so
+        args.model, _, recorded = _model_of(args, weights, config)  # the name the file records, or an error
+    else:
+        recorded = False
     if args.model:
-        num_classes = args.num_classes if args.num_classes is not None else int(config.get("num_classes") or 10)
-        model = _build_model(args.model, num_classes)
+        _, num_classes, _ = _model_of(args, weights, config)
+        model = _build_model(args.model, num_classes, recorded)
         state, aligned = align_prefixes(state, model.state_dict())
         params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
         info["keys"] = _key_rows(state)  # as the model will see them
@@ -163,36 +181,39 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                          + [f"{p} (aligned to a model when it is the one that fits; or --remap {p}=)"
                             for p in others]) or "none"
     sets = ", ".join(f"{n} (loaded)" if n == weights.chosen else n for n in weights.weight_sets)
-    print(f"file        {path} ({_size(info['file_size'])}), read as {loaded.container}")
-    print(f"format      {info['format'] or 'none (foreign)'}; layout: {weights.layout}")
+    _say(f"file        {path} ({_size(info['file_size'])}), read as {loaded.container}")
+    _say(f"format      {info['format'] or 'none (foreign)'}; layout: {weights.layout}")
     if len(weights.weight_sets) > 1:
-        print(f"weight sets {sets}; pick one with --checkpoint-key")
+        _say(f"weight sets {sets}; pick one with --checkpoint-key")
     if loaded.stand_ins:
-        print(f"stand-ins   {len(loaded.stand_ins)} pickled classes, recorded but never imported or run:")
-        print("\n".join(f"  {name}" for name in loaded.stand_ins))
-    print(f"progress    {fmt(info['progress'])}")
-    print(f"metrics     {fmt(info['metrics'])}")
-    print(f"saved with  {fmt(info['env'])}")
-    print(f"config      {fmt({k: config[k] for k in ('model', 'dataset', 'num_classes') if k in config})}")
-    print(f"contains    {', '.join(k for k, v in info['has'].items() if v) or 'model weights only'}")
-    print(f"tensors     {info['num_tensors']} ({info['numel']:,} numbers)")
-    print(f"prefixes    {prefixes}")
+        _say(f"stand-ins   {len(loaded.stand_ins)} pickled classes, recorded but never imported or run:")
+        _say("\n".join(f"  {name}" for name in loaded.stand_ins))
+    _say(f"progress    {fmt(info['progress'])}")
+    _say(f"metrics     {fmt(info['metrics'])}")
+    _say(f"saved with  {fmt(info['env'])}")
+    _say(f"config      {fmt({k: config[k] for k in ('model', 'dataset', 'num_classes') if k in config})}")
+    _say(f"contains    {', '.join(k for k, v in info['has'].items() if v) or 'model weights only'}")
+    _say(f"tensors     {info['num_tensors']} ({info['numel']:,} numbers)")
+    _say(f"prefixes    {prefixes}")
     width = max((len(k["name"]) for k in info["keys"]), default=0)
     for key in info["keys"]:
         shape = "x".join(map(str, key["shape"])) or "scalar"
-        print(f"  {key['name']:<{width}}  {shape:<14} {key['dtype']:<9} {key.get('kind', '')}".rstrip())
+        _say(f"  {key['name']:<{width}}  {shape:<14} {key['dtype']:<9} {key.get('kind', '')}".rstrip())
     if diff is not None:
-        print(diff.report(f"vs {args.model} ({info['model']['num_classes']} classes)"))
-        print(f"strict load: {'would succeed' if diff.ok else 'would fail'}")
+        _say(diff.report(f"vs {args.model} ({info['model']['num_classes']} classes)"))
+        _say(f"strict load: {'would succeed' if diff.ok else 'would fail'}")
     return 0
 
 
-def _model_of(args: argparse.Namespace, weights: Weights, config: Mapping) -> tuple[str, int]:
+def _model_of(args: argparse.Namespace, weights: Weights, config: Mapping) -> tuple[str, int, bool]:
+    """(model name, number of classes, whether the name came from the file rather than --model)."""
     name = args.model or weights.info.get("model_name") or config.get("model")
-    if not name:
+    if not name or not isinstance(name, str):
         raise CheckpointError(f"{args.path} does not record which model it holds; pass --model NAME")
-    return name, int(args.num_classes if args.num_classes is not None
-                     else weights.info.get("num_classes") or config.get("num_classes") or 10)
+    recorded_classes = weights.info.get("num_classes") or config.get("num_classes") or 10
+    if args.num_classes is None and not (type(recorded_classes) is int and 0 < recorded_classes <= MAX_CLASSES):
+        raise CheckpointError(f"{args.path} records {str(recorded_classes)[:20]!r} classes; pass --num-classes")
+    return name, args.num_classes if args.num_classes is not None else recorded_classes, not args.model
 
 
 def _write_safetensors(state: Mapping[str, torch.Tensor], out: str, meta: dict[str, str]) -> None:
@@ -207,8 +228,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from ddp.data import CIFAR10_MEAN, CIFAR10_STD  # lazily: only export needs the normalisation constants
 
     _, weights, state = _load_state(args)
-    name, num_classes = _model_of(args, weights, {})
-    model = _build_model(name, num_classes)
+    name, num_classes, recorded = _model_of(args, weights, {})
+    model = _build_model(name, num_classes, recorded)
     diff = load_state_into(model, state, strict=True)  # as evaluate does: the weights must fit the model named
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     mean, std = [float(x) for x in CIFAR10_MEAN], [float(x) for x in CIFAR10_STD]
@@ -221,7 +242,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         save_checkpoint({"format": WEIGHTS_FORMAT, "model": state, "model_name": name, "num_classes": num_classes,
                          "mean": mean, "std": std, **dataset}, args.out)
     notes = "".join(f"; {n}" for n in [weights.note, *diff.notes] if n)
-    print(f"wrote {args.out}: {len(state)} tensors, model {name}, {num_classes} classes (from {weights.layout}{notes})")
+    _say(f"wrote {args.out}: {len(state)} tensors, model {name}, {num_classes} classes (from {weights.layout}{notes})")
     return 0
 
 
@@ -246,7 +267,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         meta = {"format": WEIGHTS_FORMAT, **({"model_name": config["model"]} if "model" in config else {}),
                 **({"num_classes": str(config["num_classes"])} if "num_classes" in config else {})}
         _write_safetensors(state, args.out, meta)
-        print(f"wrote {args.out}: {len(state)} tensors from {weights.layout} (weights only)")
+        _say(f"wrote {args.out}: {len(state)} tensors from {weights.layout} (weights only)")
         return 0
     ours = isinstance(obj, Mapping) and obj.get("format") == FORMAT
     ckpt = {"format": FORMAT, "model": state,
@@ -267,7 +288,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
             Path(args.out).unlink(missing_ok=True)
         raise
     extras = ", ".join(k for k in TRAINING_PARTS if ckpt[k]) or "no optimizer state"
-    print(f"wrote {args.out}{' (DCP directory)' if to == 'dcp' else ''}: {len(state)} tensors from "
+    _say(f"wrote {args.out}{' (DCP directory)' if to == 'dcp' else ''}: {len(state)} tensors from "
           f"{weights.layout}; {extras}; epoch {ckpt['progress']['epoch']}")
     return 0
 
@@ -318,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (CheckpointError, OSError, ValueError, TypeError, ImportError) as e:
-        print(f"{PROG} {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        print(printable(f"{PROG} {args.command}: error: {' '.join(str(e).split())}"), file=sys.stderr)
         return 2
 
 

@@ -22,8 +22,9 @@ from ddp.checkpoint.errors import (
     DamagedCheckpointWarning,
     first_line,
 )
-from ddp.checkpoint.files import FORMAT, LATEST_NAME, load_checkpoint
+from ddp.checkpoint.files import FORMAT, LATEST_NAME
 from ddp.checkpoint.keys import load_state_into, unwrap_model
+from ddp.checkpoint.readers.torch_file import load_checkpoint
 
 _EPOCH_FILE = re.compile(r"^epoch_(\d+)\.pt$")
 

@@ -1,35 +1,29 @@
-"""Unpickling files we do not trust: a scoped allowlist for torch.load, and an inert unpickler past it.
+"""Unpickling files we do not trust: every pickle a checkpoint holds is read here, inertly.
 
 Since torch 2.6 the usual answer to "Unsupported global" is weights_only=False, which runs whatever the
-file says. Two safer steps instead:
+file says. Instead, one pure-Python unpickler reads every pickle (torch zip and legacy files, DCP
+metadata and values, TorchScript constants):
 
-1. `safe_globals()`: harmless classes real checkpoints carry (argparse.Namespace, numpy scalars, dtypes and
-   arrays, dates, paths) allowlisted for torch's own weights-only loader, only while our load runs.
-2. `inert_load_zip` / `inert_loads`: every other class or function the pickle names becomes a StandIn:
-   never imported, never called; it records its name and what the pickle built it from. Tensors are real.
-   Lightning hyper-parameters, a user's config class, or a whole `torch.save(model)` of a class that is not
-   importable here: the weights come back, and nothing from the file runs.
+- the names it resolves are the few in `rebuild.SAFE_GLOBALS`, functions of ours that check their
+  arguments; every other class or function becomes a StandIn that is never imported or called and
+  records what the pickle built it from (Lightning hyper-parameters, a user's config class, a whole
+  `torch.save(model)`: the weights come back, and nothing from the file runs);
+- state may be set only on stand-ins and plain records, never on a class or function;
+- what it builds is bounded: hashable nesting while it reads, then (`check_structure`) depth, cycles and
+  the size of the object once shared parts are counted each time they appear.
 """
 
 from __future__ import annotations
 
 import _compat_pickle
-import argparse
-import collections
-import datetime
 import io
-import pathlib
 import pickle
-import zipfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import IO, Any, ClassVar, Self
 
-import numpy as np
 import torch
-from torch._weights_only_unpickler import _get_allowed_globals  # what torch itself deems safe to unpickle
 
 from ddp.checkpoint.errors import UntrustedPickleError
+from ddp.checkpoint.rebuild import BUILDABLE, SAFE_GLOBALS, STORAGE_TAGS, Pending, RebuildError
 
 # Modules whose functions a checkpoint never needs: a file that names one is an attack, not a checkpoint.
 HOSTILE_MODULES = frozenset({
@@ -37,47 +31,11 @@ HOSTILE_MODULES = frozenset({
     "socket", "pty", "ctypes", "code", "codeop", "pickle", "_pickle", "marshal", "types", "operator",
     "functools", "webbrowser", "multiprocessing", "signal", "io", "_io", "tempfile", "pdb", "timeit",
     "asyncio", "threading", "_thread", "urllib", "http", "numpy.testing", "torch.hub", "torch.serialization",
+    "_codecs", "codecs", "copyreg", "posixpath", "glob", "zipimport", "sysconfig",
 })
-
-
-def _numpy_globals() -> dict[str, Any]:
-    multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
-    found: dict[str, Any] = {"numpy.dtype": np.dtype, "numpy.ndarray": np.ndarray}
-    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):  # numpy 1.x and 2.x pickle paths
-        found[f"{module}.scalar"] = multiarray.scalar
-        found[f"{module}._reconstruct"] = multiarray._reconstruct
-    for name in dir(np.dtypes):  # Float64DType etc.: what np.dtype objects pickle as in numpy >= 1.25
-        if name.endswith("DType"):
-            found[f"numpy.dtypes.{name}"] = getattr(np.dtypes, name)
-    return found
-
-
-# Real objects, each harmless to construct with any arguments and without side effects.
-EXTRA_SAFE_GLOBALS: dict[str, Any] = {
-    "argparse.Namespace": argparse.Namespace,
-    "builtins.frozenset": frozenset,
-    "builtins.slice": slice,
-    "builtins.range": range,
-    "collections.defaultdict": collections.defaultdict,
-    "datetime.datetime": datetime.datetime,
-    "datetime.date": datetime.date,
-    "datetime.time": datetime.time,
-    "datetime.timedelta": datetime.timedelta,
-    "datetime.timezone": datetime.timezone,
-    "pathlib.PosixPath": pathlib.PosixPath,
-    "pathlib.PurePosixPath": pathlib.PurePosixPath,
-    "pathlib.WindowsPath": pathlib.PureWindowsPath,  # a concrete WindowsPath cannot exist on Linux
-    "pathlib.PureWindowsPath": pathlib.PureWindowsPath,
-    "torch.torch_version.TorchVersion": torch.torch_version.TorchVersion,
-    **_numpy_globals(),
-}
-
-
-@contextmanager
-def safe_globals() -> Iterator[None]:
-    """Allowlist EXTRA_SAFE_GLOBALS for torch.load(weights_only=True) for the duration of one load."""
-    with torch.serialization.safe_globals([(obj, name) for name, obj in EXTRA_SAFE_GLOBALS.items()]):
-        yield
+MAX_DEPTH = 100  # containers inside containers; real checkpoints stay under 10
+MAX_NAMES = 4096  # distinct classes a pickle may name
+NOT_CALLABLE = (torch.Tensor, torch.nn.Parameter)  # allowed as values (a tensor subclass tag), never called
 
 
 class StandIn:
@@ -120,7 +78,7 @@ class _CompiledGetattr(StandIn):
     name = "torch._TorchCompileInductorWrapper.get_compiler_config"
 
 
-class _StorageTag:
+class StorageTag:
     """A storage class as named in a torch pickle: only its dtype is needed, nothing to call."""
 
     def __init__(self, dtype: torch.dtype):
@@ -132,105 +90,216 @@ def hostile(names: list[str]) -> list[str]:
     return [n for n in names if any(n == m or n.startswith(m + ".") for m in HOSTILE_MODULES)]
 
 
-def _buildable(obj: Any) -> bool:
-    # BUILD sets attributes: allowed on instances we understand, never on a class or function (that would
-    # change them for the whole process)
-    return isinstance(obj, (StandIn, torch.Tensor, collections.OrderedDict, argparse.Namespace, np.ndarray, np.dtype))
+class _Memo(dict):
+    """The unpickler's memo, noting the keys under which a Pending object is stored."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pending: dict[int, list[Any]] = {}
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        if isinstance(value, Pending):
+            self.pending.setdefault(id(value), []).append(key)
+        super().__setitem__(key, value)
 
 
-class _InertUnpickler(pickle._Unpickler):  # the pure-Python unpickler: its BUILD can be restricted
+def _opcode(name: str) -> int:
+    return getattr(pickle, name)[0]
+
+
+class InertUnpickler(pickle._Unpickler):  # the pure-Python unpickler: each opcode can be checked
     dispatch: ClassVar[dict] = dict(pickle._Unpickler.dispatch)
 
-    def __init__(self, file: IO[bytes], persistent_load: Any = None):
+    def __init__(self, file: IO[bytes], persistent_load: Any = None, *, names_only: bool = False):
         super().__init__(file, encoding="latin1")
+        self.names_only = names_only  # every name a stand-in but storages: a first pass that only looks
         self.stand_ins: dict[str, type[StandIn]] = {}
         self._persistent_load = persistent_load
+        self._depth: dict[int, tuple[Any, int]] = {}  # id -> (object, nesting) for tuples and frozensets
+        self.memo = _Memo()  # remembers where each Pending is kept, to swap in what it becomes
 
     def find_class(self, module: str, name: str) -> Any:
         if self.proto < 3:  # Python 2 names, as protocol 2 writes them (`__builtin__.set`)
             module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
             module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         full = f"{module}.{name}"
-        allowed = _get_allowed_globals().get(full, EXTRA_SAFE_GLOBALS.get(full))
-        if "Storage" in name and allowed is not None:  # torch.FloatStorage etc.: only the dtype matters
-            return _StorageTag(torch.uint8 if name == "UntypedStorage" else allowed.dtype)
-        if allowed is not None:
-            return allowed
+        if full in STORAGE_TAGS:  # torch.FloatStorage etc.: only the dtype matters
+            return StorageTag(STORAGE_TAGS[full])
+        if full in SAFE_GLOBALS and not self.names_only:
+            return SAFE_GLOBALS[full]
         if full == "builtins.getattr":  # torch.save(torch.compile(model)) pickles one: see _getattr
             return self._getattr
-        return self._stand_in(full)
+        return self._stand_in(full, name)
 
-    def _stand_in(self, full: str) -> type[StandIn]:
+    def _stand_in(self, full: str, name: str) -> type[StandIn]:
         if full not in self.stand_ins:
-            self.stand_ins[full] = type(full.rsplit(".", 1)[-1], (StandIn,), {"name": full, "__module__": __name__})
+            if len(self.stand_ins) >= MAX_NAMES:
+                raise pickle.UnpicklingError(f"the pickle names more than {MAX_NAMES} classes")
+            self.stand_ins[full] = type(name[:100], (StandIn,), {"name": full, "__module__": __name__})
         return self.stand_ins[full]
 
     def _getattr(self, *args: Any) -> StandIn:
-        """getattr, never called: what torch.compile's OptimizedModule pickles passes; any other use is refused.
+        """getattr, never called: the one use torch.compile's OptimizedModule pickles passes, any other is refused.
 
         torch pickles the Inductor backend's `get_compiler_config` accessor as getattr(wrapper, name). The
         result stands in like a class would; anything else names builtins.getattr, which refuse_hostile refuses.
         """
         if len(args) == 2 and isinstance(args[0], StandIn) and (args[0].name, args[1]) in COMPILED_GETATTRS:
             return _CompiledGetattr(*args)
-        return self._stand_in("builtins.getattr")(*args)  # recorded, hence refused
+        return self._stand_in("builtins.getattr", "getattr")(*args)  # recorded, hence refused
 
     def persistent_load(self, pid: Any) -> Any:
         if self._persistent_load is None:
             raise pickle.UnpicklingError("persistent id in a plain pickle")
         return self._persistent_load(pid)
 
+    # -- calls: only our checked functions, and stand-ins
+    def _call(self, func: Any, args: Any, kwargs: Any = None) -> Any:
+        if isinstance(func, type) and (func in NOT_CALLABLE or not (issubclass(func, StandIn) or
+                                                                  func in SAFE_GLOBALS.values())):
+            raise pickle.UnpicklingError(f"refused to construct {getattr(func, '__name__', '?')}")
+        if not callable(func) or not isinstance(args, tuple) or not isinstance(kwargs or {}, dict):
+            raise pickle.UnpicklingError(f"refused to call {type(func).__name__}")
+        try:
+            return func(*args, **(kwargs or {}))
+        except RebuildError as e:
+            raise pickle.UnpicklingError(str(e)) from None
+        except (TypeError, ValueError, OverflowError, RuntimeError) as e:  # wrong arguments for a real constructor
+            raise pickle.UnpicklingError(f"bad arguments for {getattr(func, '__name__', '?')}: {e}") from None
+
+    def load_reduce(self) -> None:
+        args = self.stack.pop()
+        self.stack[-1] = self._track(self._call(self.stack[-1], args))
+
+    def load_newobj(self) -> None:
+        args = self.stack.pop()
+        self.append(self._call(self.stack.pop(), args))
+
+    def load_newobj_ex(self) -> None:
+        kwargs, args = self.stack.pop(), self.stack.pop()
+        self.append(self._call(self.stack.pop(), args, kwargs))
+
+    def load_inst(self) -> None:
+        cls = self.find_class(self.readline()[:-1].decode("ascii"), self.readline()[:-1].decode("ascii"))
+        self.append(self._call(cls, tuple(self.pop_mark())))
+
+    def load_obj(self) -> None:
+        args = self.pop_mark()
+        self.append(self._call(args.pop(0), tuple(args)))
+
+    # -- state: stand-ins, plain records and numpy objects we finish ourselves
     def load_build(self) -> None:
-        if not _buildable(self.stack[-2]):
-            raise pickle.UnpicklingError(f"refused to set the state of {type(self.stack[-2]).__name__}")
-        super().load_build()
+        state, inst = self.stack.pop(), self.stack[-1]
+        if isinstance(inst, Pending):
+            try:
+                done = inst.finish(state)
+            except RebuildError as e:
+                raise pickle.UnpicklingError(str(e)) from None
+            for key in self.memo.pending.pop(id(inst), []):
+                self.memo[key] = done
+            self.stack[-1] = done
+        elif isinstance(inst, StandIn):
+            inst.__setstate__(state)
+        elif isinstance(inst, BUILDABLE) and isinstance(state, dict) and all(isinstance(k, str) for k in state):
+            if isinstance(inst, dict):  # OrderedDict's state is its instance attributes: none are kept
+                return
+            inst.__dict__.update(state)
+        else:
+            raise pickle.UnpicklingError(f"refused to set the state of {type(inst).__name__}")
 
-    dispatch[pickle.BUILD[0]] = load_build
+    # -- bounded nesting of what gets hashed (tuples, frozensets): hash() recurses in C without a guard
+    def _track(self, obj: Any) -> Any:
+        if isinstance(obj, (tuple, frozenset)):
+            depth = 1 + max((self._depth.get(id(x), (None, 0))[1] for x in obj), default=0)
+            if depth > MAX_DEPTH:
+                raise pickle.UnpicklingError(f"objects nested more than {MAX_DEPTH} deep")
+            self._depth[id(obj)] = (obj, depth)
+        return obj
+
+    def _tuple_op(name: str) -> Any:
+        base = pickle._Unpickler.dispatch[_opcode(name)]
+
+        def load(self: InertUnpickler) -> None:
+            base(self)
+            self._track(self.stack[-1])
+        return load
+
+    for _name in ("TUPLE", "TUPLE1", "TUPLE2", "TUPLE3", "FROZENSET"):
+        dispatch[_opcode(_name)] = _tuple_op(_name)
+    dispatch[_opcode("REDUCE")] = load_reduce
+    dispatch[_opcode("NEWOBJ")] = load_newobj
+    dispatch[_opcode("NEWOBJ_EX")] = load_newobj_ex
+    dispatch[_opcode("INST")] = load_inst
+    dispatch[_opcode("OBJ")] = load_obj
+    dispatch[_opcode("BUILD")] = load_build
+    del _name, _tuple_op
 
 
-def inert_loads(data: bytes) -> tuple[Any, list[str]]:
-    """Unpickle a plain pickle (no tensors), standing in for every class outside the allowlist."""
-    unpickler = _InertUnpickler(io.BytesIO(data))
-    return unpickler.load(), sorted(unpickler.stand_ins)
+CONTAINERS = (dict, list, tuple, set, frozenset, StandIn, *BUILDABLE)
 
 
-def inert_load_zip(f: IO[bytes], map_location: Any = "cpu") -> tuple[Any, list[str]]:
-    """Read a torch zip file (torch.save since 1.6) inertly: (object, names of the stand-ins)."""
-    device = torch.device(map_location if isinstance(map_location, (str, torch.device)) else "cpu")
-    with zipfile.ZipFile(f) as archive:
-        names = archive.namelist()
-        root = names[0].split("/")[0]
-        byteorder = f"{root}/byteorder"
-        if byteorder in names and archive.read(byteorder).decode() != "little":
-            raise pickle.UnpicklingError("big-endian torch files are not supported by the inert reader")
-        storages: dict[str, torch.UntypedStorage] = {}
-
-        def persistent_load(pid: Any) -> Any:
-            kind, tag, key, _location, _numel = pid
-            if kind != "storage" or not isinstance(tag, _StorageTag):
-                raise pickle.UnpicklingError(f"unexpected persistent id {kind!r}")
-            if key not in storages:
-                raw = bytearray(archive.read(f"{root}/data/{key}"))
-                storages[key] = torch.frombuffer(raw, dtype=torch.uint8).untyped_storage().to(device=device) \
-                    if raw else torch.UntypedStorage(0, device=device)
-            return torch.storage.TypedStorage(wrap_storage=storages[key], dtype=tag.dtype, _internal=True)
-
-        unpickler = _InertUnpickler(io.BytesIO(archive.read(f"{root}/data.pkl")), persistent_load)
-        return unpickler.load(), sorted(unpickler.stand_ins)
+def _children(obj: Any) -> list[Any]:
+    if isinstance(obj, dict):
+        return [*obj.keys(), *obj.values()]
+    if isinstance(obj, StandIn):
+        return [obj.args, obj.kwargs, obj.state, obj.items, obj.listitems]
+    if isinstance(obj, BUILDABLE):
+        return list(vars(obj).values())
+    return list(obj)
 
 
-def module_state(obj: StandIn, prefix: str = "") -> dict[str, torch.Tensor] | None:
+def check_structure(obj: Any, max_nodes: int) -> None:
+    """Refuse cycles, nesting deeper than MAX_DEPTH, and objects that expand past `max_nodes` when
+    shared parts are counted once per place they appear (a tree walk of them would never end)."""
+    size: dict[int, int] = {}  # id -> expanded size, for every container finished
+    on_path: set[int] = set()  # the containers between the root and the one being looked at
+    stack: list[tuple[Any, bool]] = [(obj, False)]
+    while stack:
+        node, finished = stack.pop()
+        if not isinstance(node, CONTAINERS) or (id(node) in size and not finished):
+            continue
+        if finished:
+            on_path.discard(id(node))
+            size[id(node)] = 1 + sum(size.get(id(c), 1) for c in _children(node))
+            if size[id(node)] > max_nodes:
+                raise pickle.UnpicklingError(f"the pickled object expands to more than {max_nodes:,} parts")
+            continue
+        if id(node) in on_path:
+            raise pickle.UnpicklingError("the pickled object contains itself (a cycle); checkpoints never do")
+        on_path.add(id(node))
+        if len(on_path) > MAX_DEPTH:
+            raise pickle.UnpicklingError(f"objects nested more than {MAX_DEPTH} deep")
+        stack.append((node, True))
+        stack.extend((c, False) for c in _children(node))
+
+
+def inert_loads(data: bytes, persistent_load: Any = None) -> tuple[Any, list[str]]:
+    """Unpickle `data`, standing in for every class outside SAFE_GLOBALS: (object, stand-in names)."""
+    unpickler = InertUnpickler(io.BytesIO(data), persistent_load)
+    try:
+        obj = unpickler.load()
+    except RecursionError:
+        raise pickle.UnpicklingError(f"objects nested more than {MAX_DEPTH} deep") from None
+    check_structure(obj, max_nodes=1000 + 20 * len(data))
+    return obj, sorted(unpickler.stand_ins)
+
+
+def module_state(obj: Any, prefix: str = "", seen: frozenset[int] = frozenset()) -> dict[str, torch.Tensor] | None:
     """The state dict of a pickled nn.Module read inertly (its `_parameters`, `_buffers`, `_modules`)."""
     state = obj.state if isinstance(obj, StandIn) else None
-    if not isinstance(state, dict) or "_parameters" not in state or "_modules" not in state:
+    if not isinstance(state, dict) or not isinstance(state.get("_parameters"), dict) \
+            or not isinstance(state.get("_modules"), dict) or id(obj) in seen or len(seen) > MAX_DEPTH:
         return None
     out: dict[str, torch.Tensor] = {}
-    skip = state.get("_non_persistent_buffers_set") or set()
-    for name, tensor in [*state["_parameters"].items(), *(state.get("_buffers") or {}).items()]:
-        if isinstance(tensor, torch.Tensor) and name not in skip:
+    skip = state.get("_non_persistent_buffers_set")
+    skip = skip if isinstance(skip, (set, frozenset)) else set()
+    buffers = state.get("_buffers") if isinstance(state.get("_buffers"), dict) else {}
+    for name, tensor in [*state["_parameters"].items(), *buffers.items()]:
+        if isinstance(name, str) and isinstance(tensor, torch.Tensor) and name not in skip:
             out[prefix + name] = tensor.detach() if isinstance(tensor, torch.nn.Parameter) else tensor
     for name, child in state["_modules"].items():
-        out.update(module_state(child, f"{prefix}{name}.") or {})
+        if isinstance(name, str):
+            out.update(module_state(child, f"{prefix}{name}.", seen | {id(obj)}) or {})
     return out
 
 
@@ -240,23 +309,3 @@ def refuse_hostile(names: list[str], what: str) -> None:
     if bad:
         raise UntrustedPickleError(f"{what}: its pickle calls {', '.join(bad)}, which no checkpoint needs; refused "
                                    "(nothing from the file was run). Do not load this file")
-
-
-def load_untrusted(f: IO[bytes], map_location: Any, what: str) -> tuple[Any, list[str]]:
-    """torch.load of bytes nobody vouched for: (object, stand-in names); hostile pickles are refused.
-
-    torch's weights-only loader with the allowlist first (fast, torch's own code); if the file names other
-    classes and is a zip, the inert unpickler.
-    """
-    start = f.tell()
-    try:
-        with safe_globals():
-            return torch.load(f, map_location=map_location, weights_only=True), []
-    except pickle.UnpicklingError:
-        f.seek(start)
-        if not zipfile.is_zipfile(f):
-            raise
-        f.seek(start)
-        obj, names = inert_load_zip(f, map_location)
-    refuse_hostile(names, what)
-    return obj, names

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from ddp.checkpoint.keys import (
     wrapper_segments,
 )
 from ddp.checkpoint.readers import Loaded, read_checkpoint
+from ddp.checkpoint.readers.loaded import MAX_TENSORS
 from ddp.checkpoint.unpickle import StandIn, module_state
 
 # Where other projects put weights; when a file holds several weight sets, the first of these present is
@@ -29,6 +29,7 @@ from ddp.checkpoint.unpickle import StandIn, module_state
 STATE_KEYS = ("model", "state_dict", "model_state_dict", "net", "module", "network", "teacher", "student",
               "model_ema", "state_dict_ema", "ema")
 DEFAULT_MIN_MATCH = 0.5  # a partial load must cover at least this fraction of the model's parameters
+MAX_CLASSES = 100_000  # a recorded class count above this is ignored: the head alone would be gigabytes
 COMPILED_MODULE = "torch._dynamo.eval_frame.OptimizedModule"  # what torch.save(torch.compile(model)) pickles
 
 
@@ -61,7 +62,8 @@ class Weights:
 
 
 def is_state_dict(obj: Any) -> bool:
-    return isinstance(obj, Mapping) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+    return isinstance(obj, Mapping) and bool(obj) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                          for k, v in obj.items())
 
 
 def _as_state(value: Any) -> Mapping[str, torch.Tensor] | None:
@@ -109,7 +111,7 @@ def _layout(loaded: Loaded, chosen: str) -> str:
             return f"Lightning checkpoint (pytorch-lightning {obj['pytorch-lightning_version']}){where}"
         if "state_dict_ema" in obj or ("arch" in obj and "args" in obj and "state_dict" in obj):
             return f"timm training checkpoint{where}"
-        if "arch" in obj and any(k.startswith("best_acc") for k in obj):
+        if "arch" in obj and any(isinstance(k, str) and k.startswith("best_acc") for k in obj):
             return f"pytorch/examples ImageNet checkpoint{where}"
     if isinstance(obj, (nn.Module, StandIn)):
         compiled = " compiled with torch.compile" if getattr(obj, "name", "") == COMPILED_MODULE else ""
@@ -119,17 +121,24 @@ def _layout(loaded: Loaded, chosen: str) -> str:
     return f"{loaded.container}, " + (f"state dict under {chosen!r}" if chosen else "bare state dict")
 
 
+def _recorded(model_name: Any, num_classes: Any, dataset: Any) -> dict[str, Any]:
+    """What a file says about its model, keeping only values of the right kind and size (a file may say anything)."""
+    if isinstance(num_classes, str):  # safetensors metadata holds strings
+        num_classes = int(num_classes) if num_classes.isdigit() and len(num_classes) < 7 else None
+    return {"model_name": model_name if isinstance(model_name, str) and 0 < len(model_name) <= 200 else None,
+            "num_classes": num_classes if type(num_classes) is int and 0 < num_classes <= MAX_CLASSES else None,
+            "dataset": dataset if isinstance(dataset, str) and len(dataset) <= 40 else None}
+
+
 def _info(loaded: Loaded) -> dict[str, Any]:
     obj, meta = loaded.obj, loaded.metadata
     if meta.get("model_name"):  # our .safetensors exports
-        return {"model_name": meta["model_name"], "dataset": meta.get("dataset"),
-                **({"num_classes": json.loads(meta["num_classes"])} if "num_classes" in meta else {})}
+        return _recorded(meta["model_name"], meta.get("num_classes"), meta.get("dataset"))
     if isinstance(obj, Mapping) and obj.get("format") == WEIGHTS_FORMAT:
-        return {"model_name": obj["model_name"], "num_classes": obj["num_classes"], "dataset": obj.get("dataset")}
+        return _recorded(obj.get("model_name"), obj.get("num_classes"), obj.get("dataset"))
     if isinstance(obj, Mapping) and obj.get("format") == FORMAT:
-        config = obj.get("config") or {}
-        return {"model_name": config.get("model"), "num_classes": config.get("num_classes", 10),
-                "dataset": config.get("dataset")}
+        config = obj.get("config") if isinstance(obj.get("config"), Mapping) else {}
+        return _recorded(config.get("model"), config.get("num_classes", 10), config.get("dataset"))
     return {}
 
 
@@ -137,9 +146,12 @@ def extract_weights(loaded: Loaded, checkpoint_key: str | None = None) -> Weight
     """Pick one weight set from what a file holds: ours, the chosen key, else the first of STATE_KEYS."""
     obj = loaded.obj
     if isinstance(obj, Mapping) and "format" in obj:
-        if obj["format"] not in (FORMAT, WEIGHTS_FORMAT):
-            raise CheckpointFormatError(f"unknown checkpoint format {obj['format']!r}; this code reads {FORMAT} and "
+        if not isinstance(obj["format"], str) or obj["format"] not in (FORMAT, WEIGHTS_FORMAT):
+            raise CheckpointFormatError(f"unknown checkpoint format {str(obj['format'])[:40]!r}; this code reads {FORMAT} and "
                                         f"{WEIGHTS_FORMAT} (a newer ddp-cifar may have written it)")
+        if not is_state_dict(obj.get("model")):
+            raise CheckpointFormatError(f"a {obj['format']} file whose 'model' is {type(obj.get('model')).__name__}, "
+                                        "not a state dict of tensors: damaged or crafted")
         sets = {"model": obj["model"]}
     else:
         sets = weight_sets(obj)
@@ -168,6 +180,9 @@ def extract_weights(loaded: Loaded, checkpoint_key: str | None = None) -> Weight
             raise CheckpointFormatError(f"--checkpoint-key {checkpoint_key!r}: no such weight set; the file holds "
                                         f"{', '.join(repr(n) for n in names)}")
         chosen = checkpoint_key
+    if len(state) > MAX_TENSORS:
+        raise CheckpointFormatError(f"the weight set holds {len(state):,} tensors, more than any model this reads "
+                                    f"({MAX_TENSORS:,}); refused")
     return Weights(strip_wrapper_prefixes(state), _layout(loaded, chosen), _info(loaded), loaded.stand_ins,
                    [n for n in names if n], chosen or None, list(state), wrapper_segments(state))
 

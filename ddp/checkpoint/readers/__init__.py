@@ -27,6 +27,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ddp.checkpoint.errors import CheckpointNotFoundError
 from ddp.checkpoint.readers import (
     bin_dir,
     dcp,
@@ -57,7 +58,7 @@ def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", *, trust
         with open(path, "rb") as f:
             readers, head = FILE_READERS, f.read(HEAD_SIZE)
     else:
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise CheckpointNotFoundError(f"checkpoint not found: {path}")
     for reader in readers:
         if reader.claims(path, head):
             return reader.read(path, map_location, trust_pickle=trust_pickle)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ddp.checkpoint.readers.loaded import Loaded
+from ddp.checkpoint.readers.loaded import Loaded, open_regular
 
 MODEL_FILE = "pytorch_model.bin"
 ACCELERATE_FILES = ("optimizer.bin", "random_states_0.pkl", "scheduler.bin", "scaler.pt")
@@ -24,6 +24,7 @@ def claims(path: Path, head: bytes) -> bool:
 def read(path: Path, map_location: Any, *, trust_pickle: bool = False) -> Loaded:
     from ddp.checkpoint.readers import read_checkpoint
 
+    open_regular(path / MODEL_FILE, root=path).close()  # a symlink out of the directory, or a FIFO, is refused
     loaded = read_checkpoint(path / MODEL_FILE, map_location, trust_pickle=trust_pickle)
     tool = "accelerate save_state directory" if any((path / n).exists() for n in ACCELERATE_FILES) \
         else "Hugging Face model folder"

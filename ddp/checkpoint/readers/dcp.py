@@ -4,12 +4,13 @@ A DCP directory is `.metadata` (a pickle of DCP's dataclasses) plus `__<rank>_<n
 of torch.save blobs: one per tensor chunk (a rank's shard, at its offsets in the full tensor) and one per
 non-tensor value. DCP's own reader runs pickle.load on `.metadata` and torch.load(weights_only=False) on the
 values; here `.metadata` goes through the inert unpickler (its dataclasses come back as StandIns whose
-`.state` we read) and every blob through load_untrusted, so nothing in the directory runs.
+`.state` we read) and every blob through the same torch-file reader as any other file, so nothing in the directory runs.
 """
 
 from __future__ import annotations
 
 import io
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -20,12 +21,16 @@ from ddp.checkpoint.errors import (
     CheckpointCorruptError,
     CheckpointError,
     CheckpointFormatError,
+    CheckpointNotFoundError,
     first_line,
 )
-from ddp.checkpoint.readers.loaded import Loaded
-from ddp.checkpoint.unpickle import StandIn, inert_loads, load_untrusted, refuse_hostile
+from ddp.checkpoint.readers.loaded import Loaded, open_regular
+from ddp.checkpoint.readers.torch_file import read_torch
+from ddp.checkpoint.rebuild import RebuildError, ints
+from ddp.checkpoint.unpickle import StandIn, inert_loads, refuse_hostile
 
 METADATA_NAME = ".metadata"
+MAX_CHUNKS = 4096  # chunks of one tensor: one per rank (and per FSDP shard) in practice
 _REDO = "copy the whole directory again from where it was saved, or save it again"
 
 
@@ -57,7 +62,11 @@ def _fields(obj: Any) -> dict:
 def _read_metadata(directory: Path) -> tuple[dict, list[str]]:
     where = directory / METADATA_NAME
     try:
-        root, names = inert_loads(where.read_bytes())
+        with open_regular(where, root=directory) as f:
+            data = f.read()
+        root, names = inert_loads(data)
+    except CheckpointError:
+        raise
     except OSError as e:
         raise CheckpointCorruptError(f"cannot read {where}: {first_line(e)}; {_REDO}") from e
     except Exception as e:  # any unpickling failure: truncated, garbage, not a pickle at all
@@ -90,62 +99,82 @@ def _storage_index(meta: dict, where: Path) -> dict[tuple, dict]:
 
 
 class _Blobs:
-    """The .distcp files of one directory, each read once; `load` is an untrusted torch.load of one item."""
+    """The .distcp files of one directory, each read once; `load` reads one item without trusting it."""
 
     def __init__(self, directory: Path):
         self.directory, self.files, self.names = directory, {}, set()
 
-    def load(self, info: dict, device: Any = "cpu") -> Any:
-        rel, directory = str(info["relative_path"]), self.directory
-        path = (directory / rel).resolve()
-        if path.parent != directory.resolve():  # a crafted relative_path must not read files elsewhere
-            raise CheckpointFormatError(f"{directory}/{METADATA_NAME} points outside the directory ({rel!r}); refused")
+    def _file(self, rel: Any) -> bytes:
+        directory = self.directory
+        if not isinstance(rel, str) or not rel or rel in (".", "..") or "/" in rel or "\\" in rel or "\x00" in rel:
+            # DCP names its files __<rank>_<n>.distcp: a path would send us reading elsewhere
+            raise CheckpointFormatError(f"{directory}/{METADATA_NAME} names a storage file {str(rel)[:60]!r} that is "
+                                        "not a plain file name: it points outside the directory; refused")
         if rel not in self.files:
             try:
-                self.files[rel] = path.read_bytes()
-            except OSError as e:
+                with open_regular(directory / rel, root=directory) as f:
+                    self.files[rel] = f.read()
+            except (CheckpointNotFoundError, OSError) as e:
+                if isinstance(e, CheckpointError) and not isinstance(e, CheckpointNotFoundError):
+                    raise
                 raise CheckpointCorruptError(f"{directory}: cannot read {rel} ({first_line(e)}); the checkpoint is "
                                              f"incomplete: {_REDO}") from e
-        start, length = int(info["offset"]), int(info["length"])
-        data = self.files[rel][start:start + length]
-        if len(data) != length:
-            raise CheckpointCorruptError(f"{directory}: {rel} is truncated ({len(self.files[rel])} bytes, an item "
-                                         f"needs {start + length}); {_REDO}")
-        try:
-            obj, names = load_untrusted(io.BytesIO(data), device, f"{directory}/{rel}")
-        except CheckpointError:
-            raise
-        except Exception as e:  # the slice is not a torch.save blob
-            raise CheckpointCorruptError(f"{directory}: an item of {rel} does not load ({first_line(e)}); the file "
-                                         f"is damaged: {_REDO}") from e
+        return self.files[rel]
+
+    def load(self, info: dict, device: Any = "cpu") -> Any:
+        rel, directory = info["relative_path"], self.directory
+        whole, start, length = self._file(rel), info["offset"], info["length"]
+        if type(start) is not int or type(length) is not int or start < 0 or length <= 0 \
+                or start + length > len(whole):
+            raise CheckpointCorruptError(f"{directory}: an item of {rel} at offset {start!r}, length {length!r} is "
+                                         f"not inside the file's {len(whole)} bytes; {_REDO}")
+        obj, names, _ = read_torch(io.BytesIO(whole[start:start + length]), device, f"{directory}/{rel}")
+        refuse_hostile(names, f"{directory}/{rel}")
         self.names.update(names)
         return obj
 
 
+def _boxes_overlap(a: tuple, b: tuple) -> bool:
+    (oa, sa), (ob, sb) = a, b
+    return all(x < y + m and y < x + n for x, n, y, m in zip(oa, sa, ob, sb, strict=True))
+
+
 def _tensor(fqn: str, md: dict, items: dict, blobs: _Blobs) -> torch.Tensor:
-    """The full tensor, assembled from its chunks at their offsets."""
+    """The full tensor, assembled from chunks that tile it exactly: each inside it, none overlapping."""
+    where = f"{blobs.directory}/{METADATA_NAME}"
     props = getattr(md["properties"], "state", None)  # TensorProperties pickles as a tuple, dtype first
     dtype = props[0] if isinstance(props, tuple) and props else _fields(md["properties"]).get("dtype")
     if not isinstance(dtype, torch.dtype):
-        raise CheckpointFormatError(f"{blobs.directory}/{METADATA_NAME}: tensor {fqn} has no dtype; not a DCP "
-                                    "layout this reader knows")
-    full = torch.empty(tuple(md["size"]), dtype=dtype)
-    covered = 0
-    for chunk in md["chunks"]:
-        offsets, sizes = (tuple(_fields(chunk)[k]) for k in ("offsets", "sizes"))
+        raise CheckpointFormatError(f"{where}: tensor {fqn} has no dtype; not a DCP layout this reader knows")
+    try:
+        size = ints(md["size"], "a tensor's size")
+        boxes = [(ints(_fields(c)["offsets"], "chunk offsets"), ints(_fields(c)["sizes"], "chunk sizes"))
+                 for c in md["chunks"]][:MAX_CHUNKS + 1]
+    except (RebuildError, KeyError, TypeError) as e:
+        raise CheckpointFormatError(f"{where}: tensor {fqn} has a size or chunk that is not a list of "
+                                    f"non-negative integers ({first_line(e, 80)}); not a DCP checkpoint") from e
+    if len(boxes) > MAX_CHUNKS or any(len(o) != len(size) or len(s) != len(size) for o, s in boxes) \
+            or any(o + n > d for offsets, sizes in boxes for o, n, d in zip(offsets, sizes, size, strict=True)):
+        raise CheckpointFormatError(f"{where}: a chunk of {fqn} lies outside its size {list(size)}; refused")
+    if sum(math.prod(s) for _, s in boxes) != math.prod(size) or any(
+            _boxes_overlap(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:] if math.prod(a[1]) and math.prod(b[1])):
+        raise CheckpointCorruptError(f"{where}: the chunks of {fqn} do not tile its {math.prod(size)} elements "
+                                     f"(some overlap, or some rank's part was not saved): {_REDO}")
+    parts = []
+    for offsets, sizes in boxes:
         if (fqn, offsets) not in items:
-            raise CheckpointCorruptError(f"{blobs.directory}/{METADATA_NAME} lists a chunk of {fqn} at "
-                                         f"{list(offsets)} but no file holds it; {_REDO}")
+            raise CheckpointCorruptError(f"{where} lists a chunk of {fqn} at {list(offsets)} but no file holds it; "
+                                         f"{_REDO}")
         part = blobs.load(items[(fqn, offsets)])
-        if not isinstance(part, torch.Tensor) or tuple(part.shape) != sizes:
+        if not isinstance(part, torch.Tensor) or tuple(part.shape) != sizes or part.dtype != dtype:
             raise CheckpointCorruptError(f"{blobs.directory}: the chunk of {fqn} at {list(offsets)} should be a "
-                                         f"tensor of shape {list(sizes)}, found "
+                                         f"{dtype} tensor of shape {list(sizes)}, found "
                                          f"{getattr(part, 'shape', type(part).__name__)}; {_REDO}")
+        parts.append(part)
+    # every element is in exactly one part, and every part's bytes are in the files: the file pays for this
+    full = torch.empty(size, dtype=dtype)
+    for (offsets, sizes), part in zip(boxes, parts, strict=True):
         full[tuple(slice(o, o + s) for o, s in zip(offsets, sizes, strict=True))] = part
-        covered += part.numel()
-    if covered < full.numel():  # chunks never overlap as DCP writes them (replicas are deduplicated)
-        raise CheckpointCorruptError(f"{blobs.directory}: the chunks of {fqn} cover {covered} of its "
-                                     f"{full.numel()} elements; some rank's part was not saved: {_REDO}")
     return full
 
 

@@ -17,7 +17,7 @@ import torch
 
 from ddp.checkpoint.errors import CheckpointFormatError
 from ddp.checkpoint.readers import torch_file
-from ddp.checkpoint.readers.loaded import Loaded
+from ddp.checkpoint.readers.loaded import Loaded, open_regular
 
 MODEL_STATES = re.compile(r"(zero_pp_rank_\d+_)?mp_rank_\d+_model_states\.pt")
 TAG = re.compile(r"[\w.-]{1,200}")  # a tag is one plain directory name (global_step100)
@@ -37,7 +37,8 @@ def _tag_directory(parent: Path) -> Path | None:
     latest = parent / "latest"
     if not latest.is_file() or latest.stat().st_size > MAX_TAG_BYTES:
         return None
-    tag = latest.read_bytes().decode("utf-8", "replace").strip()
+    with open_regular(latest, parent) as f:
+        tag = f.read(MAX_TAG_BYTES).decode("utf-8", "replace").strip()
     if not TAG.fullmatch(tag) or tag in (".", ".."):
         raise CheckpointFormatError(f"{latest} names {tag[:60]!r}, not a tag directory beside it; refused")
     found = (parent / tag).resolve()
@@ -61,8 +62,11 @@ def _placeholders(module: Any, shapes: Any) -> list[str]:
     expected = {}
     for group in shapes if isinstance(shapes, list) else []:
         expected.update(group if isinstance(group, dict) else {})
-    return [k for k, v in module.items() if isinstance(v, torch.Tensor) and v.numel() == 0
-            and (k not in expected or any(int(d) for d in expected[k]))]
+    def recorded_empty(key: Any) -> bool:
+        shape = expected.get(key)
+        return isinstance(shape, tuple) and 0 in shape  # torch.Size: a parameter that really has no elements
+
+    return [k for k, v in module.items() if isinstance(v, torch.Tensor) and v.numel() == 0 and not recorded_empty(k)]
 
 
 def read(path: Path, map_location: Any, *, trust_pickle: bool = False) -> Loaded:
@@ -74,6 +78,7 @@ def read(path: Path, map_location: Any, *, trust_pickle: bool = False) -> Loaded
         if path is None:
             raise CheckpointFormatError(f"{directory} holds no mp_rank_00_model_states.pt: not a DeepSpeed tag "
                                         "directory (or the save did not finish)")
+        open_regular(path, directory).close()  # a symlink out of the tag directory, or a FIFO, is refused
     loaded = torch_file.read(path, map_location, trust_pickle=trust_pickle)
     obj = loaded.obj
     if not isinstance(obj, dict) or not isinstance(obj.get("module"), dict):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import re
 import zipfile
 from pathlib import Path
@@ -20,9 +21,10 @@ from typing import Any
 import torch
 
 from ddp.checkpoint.errors import CheckpointCorruptError, CheckpointError, CheckpointFormatError, first_line
-from ddp.checkpoint.readers.loaded import Loaded
+from ddp.checkpoint.readers.loaded import Loaded, open_regular
+from ddp.checkpoint.readers.torch_file import read_torch
 from ddp.checkpoint.readers.torchscript import archive_names
-from ddp.checkpoint.unpickle import load_untrusted
+from ddp.checkpoint.unpickle import refuse_hostile
 
 WEIGHTS_CONFIG = "data/weights/model_weights_config.json"
 MAX_CONFIG_BYTES = 256 << 20
@@ -91,12 +93,8 @@ def _read_weights(archive: zipfile.ZipFile, config_name: str, map_location: Any)
             raise CheckpointFormatError(f"weight {name} points at {record!r}, not a record in {folder}/")
         raw = archive.read(f"{folder}/{record}")
         if entry.get("use_pickle"):  # a tensor subclass torch.save'd into the record: read like any untrusted file
-            try:
-                value, _ = load_untrusted(io.BytesIO(raw), map_location, f"weight {name}")
-            except CheckpointError:
-                raise
-            except Exception as e:  # not a torch.save blob at all
-                raise CheckpointCorruptError(f"weight {name}: its pickled record does not load ({first_line(e)})") from e
+            value, names, _ = read_torch(io.BytesIO(raw), map_location, f"weight {name}")  # bounded, inert
+            refuse_hostile(names, f"weight {name}")
             if not isinstance(value, torch.Tensor):
                 raise CheckpointFormatError(f"weight {name} unpickles to {type(value).__name__}, not a tensor")
             state[name] = value
@@ -114,9 +112,12 @@ def read(path: Path, map_location: Any, *, trust_pickle: bool = False) -> Loaded
         raise CheckpointFormatError(f"{path} is {kind}; ddp-cifar cannot take its weights: save the original "
                                     "model's state_dict() with torch.save instead")
     try:
-        with zipfile.ZipFile(path) as archive:
-            if any(r.compress_type != zipfile.ZIP_STORED for r in archive.infolist()):  # nothing to inflate unbounded
+        with open_regular(path) as f, zipfile.ZipFile(f) as archive:
+            infos = archive.infolist()
+            if any(r.compress_type != zipfile.ZIP_STORED for r in infos):  # nothing to inflate unbounded
                 raise CheckpointFormatError("compressed records, where torch.export.save stores them; refused")
+            if sum(r.file_size for r in infos) > os.fstat(f.fileno()).st_size:  # records sharing bytes: a zip bomb
+                raise CheckpointFormatError("records larger than the file together; refused")
             state = _read_weights(archive, config_name, map_location)
     except CheckpointError as e:
         raise type(e)(f"{path}: {e}") from e

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ddp.checkpoint.errors import CheckpointCorruptError, CheckpointError, CheckpointFormatError, first_line
-from ddp.checkpoint.readers.loaded import Loaded
+from ddp.checkpoint.readers.loaded import Loaded, open_regular
 
 MAGIC = b"\x1f\x8b"
 RATIO = 8  # decompressed bytes allowed per compressed byte (tensors of floats compress by ~1.1x)
@@ -30,7 +30,7 @@ def claims(path: Path, head: bytes) -> bool:
 def _inflate(path: Path, out: Any, limit: int) -> None:
     """Write the decompressed bytes of gzip file `path` to `out`, refusing more than `limit` of them."""
     inflater, written = zlib.decompressobj(16 + zlib.MAX_WBITS), 0  # 16+: the gzip header and trailer (CRC32)
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         while chunk := f.read(CHUNK):
             data = inflater.decompress(chunk, limit + 1 - written)
             while True:

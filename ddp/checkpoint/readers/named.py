@@ -1,9 +1,9 @@
 """Files recognised but not read: each named for what it is, with what to do instead.
 
 A valid file of another framework is not a damaged checkpoint, so it is never called one. Signatures come
-from each format's specification; bytes that match none, and could not be a pickle or a zip either, are
-"not a checkpoint format we know". Asked after every reader that takes weights: last of the directory
-readers, and before torch_file among the file readers.
+from each format's specification; bytes that match none are left to torch_file, whose verdict on unknown
+bytes is "no checkpoint format this reader knows". Asked after every reader that takes weights: last of
+the directory readers, and before torch_file among the file readers.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ddp.checkpoint.errors import CheckpointCorruptError, CheckpointFormatError
+from ddp.checkpoint.errors import CheckpointFormatError
 from ddp.checkpoint.readers.loaded import Loaded
 from ddp.checkpoint.readers.torchscript import archive_names
 
@@ -32,8 +32,6 @@ SIGNATURES: list[tuple[bytes, int, str, str]] = [  # (magic, offset, what it is,
     (b"\x28\xb5\x2f\xfd", 0, "zstd-compressed", "decompress it first (zstd -d FILE)"),
     (b"7z\xbc\xaf\x27\x1c", 0, "a 7-Zip archive", "extract it first and pass the checkpoint inside"),
 ]
-# the first byte of any pickle torch.load might read: PROTO (protocol 2+), or a protocol 0/1 opcode
-PICKLE_STARTS = frozenset(b"\x80(c})]NILFSVXKJMGUTP")
 ZIP_STARTS = (b"PK\x03\x04", b"PK\x05\x06")  # a zip, or an empty one
 
 
@@ -58,8 +56,6 @@ def _identify(path: Path, head: bytes) -> tuple[str, str] | None:
         return "an ONNX model", f"{PYTORCH}: export them from the original PyTorch model, or convert with onnx2torch"
     if head.startswith(ZIP_STARTS):
         return _zip_kind(archive_names(path, b"PK\x03\x04"))
-    if head and head[0] not in PICKLE_STARTS:
-        return "", ""  # not a pickle, not a zip, no signature we know
     return None
 
 
@@ -79,8 +75,5 @@ def read(path: Path, map_location: Any, *, trust_pickle: bool = False) -> Loaded
         raise CheckpointFormatError(f"{path} is {what}; {todo}")
     with open(path, "rb") as f:
         head = f.read(64)
-    what, todo = _identify(path, head) or ("", "")
-    if not what:  # a CheckpointCorruptError: among a run's checkpoints, a file to skip like a damaged one
-        raise CheckpointCorruptError(f"{path} is not a readable checkpoint: not a checkpoint format we know (it "
-                                     f"starts with {head[:8].hex(' ')}); pass a torch, safetensors or DCP checkpoint")
+    what, todo = _identify(path, head) or ("not a format this reader knows", "pass a torch or safetensors file")
     raise CheckpointFormatError(f"{path} is {what}; {todo}")

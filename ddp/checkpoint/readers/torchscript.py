@@ -8,15 +8,18 @@ stand-in), with the tensors from the archive's own records; torch.jit.load would
 
 from __future__ import annotations
 
+import io
+import os
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ddp.checkpoint.errors import CheckpointCorruptError, CheckpointFormatError, first_line
-from ddp.checkpoint.readers.loaded import Loaded
-from ddp.checkpoint.unpickle import StandIn, inert_load_zip, refuse_hostile
+from ddp.checkpoint.errors import CheckpointCorruptError, CheckpointError, CheckpointFormatError, first_line
+from ddp.checkpoint.readers.loaded import Loaded, open_regular
+from ddp.checkpoint.readers.torch_file import read_torch
+from ddp.checkpoint.unpickle import StandIn, refuse_hostile
 
 ZIP_MAGIC = b"PK\x03\x04"
 SCRIPT_PREFIX = "__torch__."  # TorchScript's namespace for the classes of scripted modules
@@ -28,9 +31,9 @@ def archive_names(path: Path, head: bytes) -> list[str]:
     if not head.startswith(ZIP_MAGIC):
         return []
     try:
-        with zipfile.ZipFile(path) as archive:
+        with open_regular(path) as f, zipfile.ZipFile(f) as archive:
             return archive.namelist()
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, CheckpointError):
         return []  # damaged: torch_file says so
 
 
@@ -54,22 +57,36 @@ def _module_state(obj: Any, prefix: str, out: dict[str, torch.Tensor], depth: in
             _module_state(value, f"{prefix}{name}.", out, depth + 1)
 
 
+def _weights_archive(f: Any, size: int, where: str) -> io.BytesIO:
+    """A torch.save-shaped zip of the archive's data.pkl and data/* records only, in memory.
+
+    torch.jit.save compresses code/ and debug records, which torch_file's checks rightly refuse in a
+    torch.save file; the records that hold the weights are stored, and are all that is copied here.
+    """
+    with zipfile.ZipFile(f) as archive:
+        infos = [r for r in archive.infolist() if r.filename.split("/", 1)[-1] == "data.pkl"
+                 or r.filename.split("/", 1)[-1].startswith("data/")]
+        if any(r.compress_type != zipfile.ZIP_STORED for r in infos) or sum(r.file_size for r in infos) > size:
+            raise CheckpointCorruptError(f"{where}: a TorchScript archive whose weights are compressed or larger than "
+                                         "the file; damaged or not written by torch.jit.save: refused")
+        out = io.BytesIO()
+        with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as copy:
+            for info in infos:
+                copy.writestr(info.filename, archive.read(info))  # read() checks each record's CRC32
+    out.seek(0)
+    return out
+
+
 def read(path: Path, map_location: Any, *, trust_pickle: bool = False) -> Loaded:
-    with open(path, "rb") as f:
-        try:  # the records read (data.pkl, data/*) as torch.jit.save writes them: stored, within the file
-            with zipfile.ZipFile(f) as archive:
-                records = [r for r in archive.infolist() if r.filename.split("/", 1)[-1].startswith("data")]
-            if any(r.compress_type != zipfile.ZIP_STORED for r in records) \
-                    or sum(r.file_size for r in records) > path.stat().st_size:
-                raise CheckpointCorruptError(f"{path}: a TorchScript archive whose weights are compressed or larger "
-                                             "than the file; damaged or not written by torch.jit.save: refused")
-            root, names = inert_load_zip(f, map_location)
-        except CheckpointCorruptError:
-            raise
-        except Exception as e:  # a truncated record, a broken pickle
+    where = str(path)
+    with open_regular(path) as f:
+        try:
+            weights = _weights_archive(f, os.fstat(f.fileno()).st_size, where)
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
             raise CheckpointCorruptError(f"{path} is a damaged TorchScript archive ({first_line(e, 120)}); save it "
                                          "again with torch.jit.save or pick another file") from e
-    refuse_hostile(names, str(path))  # before anything of it is used
+    root, names, _ = read_torch(weights, map_location, where)  # bounded, checked, inert
+    refuse_hostile(names, where)  # before anything of it is used
     state: dict[str, torch.Tensor] = {}
     _module_state(root, "", state)
     if not state:
