@@ -14,7 +14,7 @@ that claims a path reads it.
     dcp               torch.distributed.checkpoint directories (.metadata)
     model_dir         a directory holding one model file or shard index
     bin_dir           a directory holding pytorch_model.bin (Hugging Face, accelerate save_state)
-    named             recognised, not read: ONNX, Keras/HDF5, TF SavedModel, ...; and unknown bytes
+    named             recognised, not read: ONNX, Keras/HDF5, TF SavedModel, TFLite, GGUF, NumPy, ...
     torch_file        torch.save: zip (since 1.6) and legacy pickles; the fallback for any other file
 
 Nothing from a file ever runs unless trust_pickle: pickles go through torch's weights-only loader with a
