@@ -19,6 +19,7 @@ from ddp.checkpoint.errors import CheckpointError, printable
 from ddp.checkpoint.files import FORMAT, WEIGHTS_FORMAT, atomic_write, save_checkpoint
 from ddp.checkpoint.keys import (
     WRAPPER_PREFIXES,
+    WRAPPER_SEGMENTS,
     align_prefixes,
     detect_prefixes,
     diff_state,
@@ -174,8 +175,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         return ", ".join(f"{k} {'-' if v is None else f'{v:.4g}' if isinstance(v, float) else v}"
                          for k, v in d.items()) if d else "-"
 
-    wrappers = [p for p in info["prefixes"] if p in WRAPPER_PREFIXES]
-    others = [p for p in info["prefixes"] if p not in WRAPPER_PREFIXES]
+    wrappers = [p for p in info["prefixes"] if p in WRAPPER_PREFIXES + WRAPPER_SEGMENTS]
+    others = [p for p in info["prefixes"] if p not in WRAPPER_PREFIXES + WRAPPER_SEGMENTS]
     prefixes = "; ".join([f"{' '.join(wrappers)} (stripped when loading)"] * bool(wrappers)
                          + [f"{p} (aligned to a model when it is the one that fits; or --remap {p}=)"
                             for p in others]) or "none"
@@ -300,11 +301,13 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
         p.set_defaults(func=func)
         p.add_argument("path", help="checkpoint file or directory: ours, torch (zip or legacy), Lightning, timm, "
-                       ".safetensors, a shard index, a DCP directory")
+                       ".safetensors, a shard index, a DCP directory, TorchScript, torch.export .pt2, gzip'd "
+                       "(.pt.gz), DeepSpeed, accelerate save_state, a Hugging Face folder (docs/checkpoints.md)")
         p.add_argument("--remap", type=_remap_arg, action="append", metavar="OLD=NEW",
                        help="replace a leading OLD key prefix with NEW (repeatable; first match wins)")
         p.add_argument("--checkpoint-key", metavar="NAME",
-                       help="the weight set to use when the file holds several (e.g. state_dict_ema, student)")
+                       help="the weight set to use when the file holds several (e.g. state_dict_ema, student; "
+                            "dotted for nested ones: ema.module)")
         p.add_argument("--num-classes", type=int, help="default: what the checkpoint records, else 10")
         return p
 

@@ -11,7 +11,11 @@ from torch import nn
 
 from ddp.checkpoint.errors import CheckpointFormatError, CheckpointMismatchError, first_line
 
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP/DataParallel and torch.compile
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP/DataParallel and torch.compile, in front of every key
+# Wrappers that put their segment at any depth, as named_parameters() and EMA helpers show them: FSDP1,
+# activation checkpointing, torch.compile of a submodule, FSDP1's flatten-params wrapper (torch < 1.13).
+# `module.` is not among them: DDP only adds it in front, and inside a model it is often a real name.
+WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.", "_fpw_module.")
 COMMON_PREFIXES = ("backbone.", "model.", "net.", "encoder.", "base_model.")  # reported by inspect only
 
 
@@ -33,7 +37,22 @@ def _strip_key(key: str) -> str:
                 key = key[len(prefix):]
                 break
         else:
-            return key
+            break
+    *path, leaf = key.split(".")  # a leaf is a tensor's own name, never a wrapper
+    segments = {s[:-1] for s in WRAPPER_SEGMENTS}
+    return ".".join([p for p in path if p not in segments] + [leaf])
+
+
+def wrapper_segments(keys: Iterable[str]) -> list[str]:
+    """The wrapper segments (`module.` in front, WRAPPER_SEGMENTS anywhere) that stripping removes from `keys`."""
+    found: list[str] = []
+    for key in keys:
+        rest = key
+        while prefix := next((p for p in WRAPPER_PREFIXES if rest.startswith(p)), None):
+            found.append(prefix)
+            rest = rest[len(prefix):]
+        found += [s for s in WRAPPER_SEGMENTS if f".{s}" in f".{rest.rpartition('.')[0]}."]
+    return list(dict.fromkeys(found))
 
 
 def _rename(state: Mapping[str, Any], rename: Callable[[str], str], why: str) -> dict[str, Any]:
@@ -48,7 +67,7 @@ def _rename(state: Mapping[str, Any], rename: Callable[[str], str], why: str) ->
 
 
 def strip_wrapper_prefixes(state: Mapping[str, Any]) -> dict[str, Any]:
-    """Remove any leading run of `module.` / `_orig_mod.` from every key (the canonical, unwrapped names)."""
+    """Remove any leading run of `module.` / `_orig_mod.`, and WRAPPER_SEGMENTS at any depth, from every key."""
     return _rename(state, _strip_key, "after stripping wrapper prefixes")
 
 
@@ -81,6 +100,7 @@ def detect_prefixes(keys: Iterable[str]) -> list[str]:
             found.append(prefix)
             key = key[len(prefix):]
         found += [p for p in COMMON_PREFIXES if key.startswith(p)]
+        found += [s for s in WRAPPER_SEGMENTS if f".{s}" in f".{key.rpartition('.')[0]}."]  # deeper wrappers
     return list(dict.fromkeys(found))
 
 

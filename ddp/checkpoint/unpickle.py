@@ -74,6 +74,47 @@ class StandIn:
         return f"<stand-in for {self.name}>"
 
 
+# the getattr calls torch.save(torch.compile(model)) pickles: (class of the object, attribute name)
+COMPILED_GETATTRS = frozenset({("torch._TorchCompileInductorWrapper", "get_compiler_config")})
+
+
+class _CompiledGetattr(StandIn):
+    name = "torch._TorchCompileInductorWrapper.get_compiler_config"
+
+
+def _getattr_stand_in(unpickler: Any) -> type[StandIn]:
+    """A stand-in for builtins.getattr, never called, that knows the one use torch.compile pickles.
+
+    torch.save(torch.compile(model)) pickles the Inductor backend's config accessor as
+    getattr(<_TorchCompileInductorWrapper>, "get_compiler_config"). Called that way it gives a plain
+    stand-in and is counted; any other call or use keeps "builtins.getattr" among the names, refused.
+    """
+
+    class Getattr(StandIn):
+        def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+            if not kwargs and len(args) == 2 and isinstance(args[0], StandIn) \
+                    and (args[0].name, args[1]) in COMPILED_GETATTRS:
+                unpickler.compiled_getattrs += 1
+                return _CompiledGetattr(*args)
+            unpickler.other_getattrs += 1
+            return super().__new__(cls, *args, **kwargs)
+
+    return Getattr
+
+
+def _reaches(obj: Any, target: Any) -> bool:
+    """Whether `target` is anywhere in `obj` (each container visited once: cycles end)."""
+    seen, stack = set(), [obj]
+    while stack:
+        node = stack.pop()
+        if node is target:
+            return True
+        if isinstance(node, CONTAINERS) and id(node) not in seen:
+            seen.add(id(node))
+            stack.extend(_children(node))
+    return False
+
+
 class StorageTag:
     """A storage class as named in a torch pickle: only its dtype is needed, nothing to call."""
 
@@ -112,6 +153,7 @@ class InertUnpickler(pickle._Unpickler):  # the pure-Python unpickler: each opco
         self.calls = 0
         self.stand_ins: dict[str, type[StandIn]] = {}
         self._persistent_load = persistent_load
+        self.compiled_getattrs = self.other_getattrs = 0  # calls of builtins.getattr: see _getattr_stand_in
         self._depth: dict[int, tuple[Any, int]] = {}  # id -> (object, nesting) for tuples and frozensets
         self.memo = _Memo()  # remembers where each Pending is kept, to swap in what it becomes
 
@@ -127,8 +169,17 @@ class InertUnpickler(pickle._Unpickler):  # the pure-Python unpickler: each opco
         if full not in self.stand_ins:
             if len(self.stand_ins) >= MAX_NAMES:
                 raise pickle.UnpicklingError(f"the pickle names more than {MAX_NAMES} classes")
-            self.stand_ins[full] = type(name[:100], (StandIn,), {"name": full, "__module__": __name__})
+            base = _getattr_stand_in(self) if full == "builtins.getattr" else StandIn
+            self.stand_ins[full] = type(name[:100], (base,), {"name": full, "__module__": __name__})
         return self.stand_ins[full]
+
+    def load(self) -> Any:
+        obj = super().load()
+        getattr_ = self.stand_ins.get("builtins.getattr")
+        if getattr_ is not None and self.compiled_getattrs and not self.other_getattrs \
+                and not _reaches(obj, getattr_):  # only ever called as torch.compile pickles it: not an attack
+            del self.stand_ins["builtins.getattr"]
+        return obj
 
     def persistent_load(self, pid: Any) -> Any:
         if self._persistent_load is None:

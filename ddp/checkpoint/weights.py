@@ -12,7 +12,14 @@ from torch import nn
 
 from ddp.checkpoint.errors import CheckpointFormatError
 from ddp.checkpoint.files import FORMAT, WEIGHTS_FORMAT
-from ddp.checkpoint.keys import KeyDiff, load_state_into, remap_prefixes, strip_wrapper_prefixes, unwrap_model
+from ddp.checkpoint.keys import (
+    KeyDiff,
+    load_state_into,
+    remap_prefixes,
+    strip_wrapper_prefixes,
+    unwrap_model,
+    wrapper_segments,
+)
 from ddp.checkpoint.readers import Loaded, read_checkpoint
 from ddp.checkpoint.readers.loaded import MAX_TENSORS
 from ddp.checkpoint.unpickle import StandIn, module_state
@@ -23,6 +30,7 @@ STATE_KEYS = ("model", "state_dict", "model_state_dict", "net", "module", "netwo
               "model_ema", "state_dict_ema", "ema")
 DEFAULT_MIN_MATCH = 0.5  # a partial load must cover at least this fraction of the model's parameters
 MAX_CLASSES = 100_000  # a recorded class count above this is ignored: the head alone would be gigabytes
+COMPILED_MODULE = "torch._dynamo.eval_frame.OptimizedModule"  # what torch.save(torch.compile(model)) pickles
 
 
 @dataclass
@@ -36,11 +44,14 @@ class Weights:
     weight_sets: list[str] = field(default_factory=list)  # every weight set in the file (for checkpoint_key)
     chosen: str | None = None  # the one in `state`
     raw_keys: list[str] = field(default_factory=list)  # its keys as the file has them (module. etc. included)
+    unwrapped: list[str] = field(default_factory=list)  # the wrapper segments removed from them
 
     @property
     def note(self) -> str:
         """One line when the file held several weight sets, or classes that were stood in for; else ""."""
         notes = []
+        if any(s != "module." for s in self.unwrapped):  # DDP's leading `module.` is too common to mention
+            notes.append(f"removed wrapper segments {', '.join(f'`{s}`' for s in self.unwrapped)} from the keys")
         if len(self.weight_sets) > 1:
             notes.append(f"{len(self.weight_sets)} weight sets ({', '.join(self.weight_sets)}): loaded "
                          f"{self.chosen!r}; pick another with --checkpoint-key (checkpoint_key=)")
@@ -59,20 +70,37 @@ def _as_state(value: Any) -> Mapping[str, torch.Tensor] | None:
     if isinstance(value, nn.Module):
         return unwrap_model(value).state_dict()
     if isinstance(value, StandIn):
+        if value.name == COMPILED_MODULE and value.args:  # pickled as OptimizedModule(model, dynamo context)
+            value = value.args[0]
         return module_state(value)
     return value if is_state_dict(value) else None
 
 
-def weight_sets(obj: Any) -> dict[str, Mapping[str, torch.Tensor]]:
-    """Every state dict (or pickled model) a checkpoint holds, by its top-level key; "" for the whole object."""
+MAX_SET_DEPTH = 4  # {"ema": {"module": sd}}, {"model": {"state_dict": sd}}: weight sets a few dicts down
+
+
+def weight_sets(obj: Any, depth: int = MAX_SET_DEPTH) -> dict[str, Mapping[str, torch.Tensor]]:
+    """Every state dict (or pickled model) a checkpoint holds, by its dotted path of keys; "" for the whole object."""
     whole = _as_state(obj)
     if whole is not None or not isinstance(obj, Mapping):
         return {"": whole} if whole is not None else {}
-    found = {k: s for k, v in obj.items() if isinstance(k, str) and (s := _as_state(v)) is not None}
-    if not found:  # torchtitan-style DCP: the model's tensors at the top level beside other entries
+    found: dict[str, Mapping[str, torch.Tensor]] = {}
+    for key, value in obj.items():
+        if not isinstance(key, str):  # optimizer state is keyed by parameter index: never a weight set
+            continue
+        if (state := _as_state(value)) is not None:
+            found[key] = state
+        elif depth > 1 and isinstance(value, Mapping):
+            found.update({f"{key}.{path}": s for path, s in weight_sets(value, depth - 1).items() if path})
+    if not found and depth == MAX_SET_DEPTH:  # torchtitan-style DCP: the model's tensors at the top level
         tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
         found = {"": tensors} if tensors else {}
     return found
+
+
+def _rank(path: str) -> tuple[int, ...]:
+    """Order of preference of a dotted weight-set path: by STATE_KEYS at each level, shallower first."""
+    return tuple(STATE_KEYS.index(p) if p in STATE_KEYS else len(STATE_KEYS) for p in path.split("."))
 
 
 def _layout(loaded: Loaded, chosen: str) -> str:
@@ -86,7 +114,8 @@ def _layout(loaded: Loaded, chosen: str) -> str:
         if "arch" in obj and any(isinstance(k, str) and k.startswith("best_acc") for k in obj):
             return f"pytorch/examples ImageNet checkpoint{where}"
     if isinstance(obj, (nn.Module, StandIn)):
-        return "pickled nn.Module" + (" (read inertly)" if isinstance(obj, StandIn) else "")
+        compiled = " compiled with torch.compile" if getattr(obj, "name", "") == COMPILED_MODULE else ""
+        return f"pickled nn.Module{compiled}" + (" (read inertly)" if isinstance(obj, StandIn) else "")
     if not chosen and loaded.container not in ("torch zip", "torch legacy"):
         return loaded.container
     return f"{loaded.container}, " + (f"state dict under {chosen!r}" if chosen else "bare state dict")
@@ -133,16 +162,19 @@ def extract_weights(loaded: Loaded, checkpoint_key: str | None = None) -> Weight
                                     f"state dict of tensors, or one under {', '.join(STATE_KEYS)}")
     names = list(sets)
     if checkpoint_key is None:
-        chosen = next((k for k in STATE_KEYS if k in sets), names[0])
-        if len(sets) > 1 and chosen not in STATE_KEYS:
+        chosen = min(names, key=_rank)
+        if len(sets) > 1 and not all(p in STATE_KEYS for p in chosen.split(".")):
             raise CheckpointFormatError(f"the file holds {len(sets)} weight sets ({', '.join(names)}) and none is a "
                                         "usual default; pick one with --checkpoint-key NAME")
         state = sets[chosen]
     elif checkpoint_key in sets:
         chosen, state = checkpoint_key, sets[checkpoint_key]
+    elif under := [n for n in names if n.startswith(checkpoint_key.rstrip(".") + ".")]:  # "ema" for ema.module
+        chosen = min(under, key=_rank)
+        state = sets[chosen]
     else:  # a prefix inside a flat state dict (teacher./student. in one dict)
         prefix = checkpoint_key.rstrip(".") + "."
-        flat = sets[next((k for k in STATE_KEYS if k in sets), names[0])]
+        flat = sets[min(names, key=_rank)]
         state = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
         if not state:
             raise CheckpointFormatError(f"--checkpoint-key {checkpoint_key!r}: no such weight set; the file holds "
@@ -152,7 +184,7 @@ def extract_weights(loaded: Loaded, checkpoint_key: str | None = None) -> Weight
         raise CheckpointFormatError(f"the weight set holds {len(state):,} tensors, more than any model this reads "
                                     f"({MAX_TENSORS:,}); refused")
     return Weights(strip_wrapper_prefixes(state), _layout(loaded, chosen), _info(loaded), loaded.stand_ins,
-                   [n for n in names if n], chosen or None, list(state))
+                   [n for n in names if n], chosen or None, list(state), wrapper_segments(state))
 
 
 def extract_model_state(obj: Any, checkpoint_key: str | None = None) -> dict[str, torch.Tensor]:
