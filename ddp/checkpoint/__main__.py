@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ddp import versions
 from ddp.checkpoint.errors import CheckpointError
 from ddp.checkpoint.files import FORMAT, WEIGHTS_FORMAT, atomic_write, save_checkpoint
 from ddp.checkpoint.formats import Loaded, read_checkpoint
@@ -311,6 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    versions.require(PROG)
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
