@@ -70,9 +70,11 @@ def test_installed_package_trains_and_inspects_from_another_directory(tmp_path):
         return subprocess.run([str(python), *args], check=False, cwd=work, capture_output=True, text=True, env=env,
                               timeout=300)
 
+    site = env_dir / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
     where = run("-c", "import ddp; print(ddp.__file__)")
-    assert where.stdout.strip() == str(env_dir / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}"
-                                       / "site-packages" / "ddp" / "__init__.py"), where.stderr
+    assert where.stdout.strip() == str(site / "ddp" / "__init__.py"), where.stderr
+    packages = sorted(str(p.parent.relative_to(REPO)) for p in (REPO / "ddp").rglob("__init__.py"))
+    assert [p for p in packages if not (site / p / "__init__.py").is_file()] == []  # every subpackage installed
     train = run("-m", "ddp.train", "--model", "fastnet_small", "--dataset", "synthetic", "--synthetic-size", "256",
                 "--batch-size", "128", "--epochs", "1", "--tta", "none", "--checkpoint-dir", "ckpt", "--logdir", "runs")
     assert train.returncode == 0, train.stdout[-2000:] + train.stderr[-2000:]
