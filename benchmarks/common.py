@@ -45,6 +45,24 @@ def save_accuracy_plot(fig, ax, title: str, png: str | os.PathLike) -> None:
     print(f"\nwrote {png}")
 
 
+def untimed_epoch_curve(run_dir: str | os.PathLike, launch: float, score: Callable[[str], float]) -> list[list[float]]:
+    """Our accuracy against wall time from evaluations that the timed run did not pay for.
+
+    The run evaluates only at its end (the default) but keeps every epoch's checkpoint (`--keep 0`); each
+    `epoch_NNNN.pt` is scored afterwards by `score(path)` (a fraction) and placed at the wall time, since
+    `launch`, at which its epoch ended (the perf/epoch_time_s event). [] when the files are not there.
+    """
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(os.fspath(run_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    ends = events.Scalars("perf/epoch_time_s") if "perf/epoch_time_s" in events.Tags()["scalars"] else []
+    files = [os.path.join(run_dir, "checkpoints", f"epoch_{epoch:04d}.pt") for epoch in range(1, len(ends) + 1)]
+    if not ends or not all(os.path.isfile(f) for f in files):
+        return []
+    return [[end.wall_time - launch, score(f)] for end, f in zip(ends, files)]
+
+
 def conditions() -> str:
     """One line about the machine and how busy it is, to print next to every result."""
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())

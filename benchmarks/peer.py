@@ -4,8 +4,9 @@ Per seed, alternating: airbench94 (one process, torch's default threads), then o
 (default recipe). Wall time runs from launch to the end of training: the peer's is launch to its
 `AIRBENCH_TRAINED` line (its per-epoch evaluations and final TTA included), ours launch to exit (its
 evaluations and checkpoints included). Afterwards, untimed, both final models are scored at each TTA
-level (none, flip, full). Results go to ROOT/results.json after every run, a table and headline figures
-to stdout, accuracy vs wall time to --png.
+level (none, flip, full), and each of our epoch checkpoints (kept with --keep 0) with one view: our
+accuracy against time, from evaluations the timed run did not pay for. Results go to ROOT/results.json
+after every run, a table and headline figures to stdout, accuracy vs wall time to --png.
 
     python -m benchmarks.peer                                      # real CIFAR-10, seeds 0 1
     python -m benchmarks.peer --seeds 0 -- --epochs 10             # flags after `--` go to our trainer
@@ -28,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import common
 from benchmarks.common import HEADER, OUT, REPO, Row, conditions, markdown_table, save_accuracy_plot, split_passthrough
 from benchmarks.time_to_accuracy import first_reaching, mmss, read_run, run_trainer
 
@@ -116,13 +118,17 @@ def run_ours(seed: int, root: Path, nproc: int, data_dir: str, data_flags: list[
     """Our trainer under torchrun (timed: launch to exit), then its final weights at each TTA level (untimed)."""
     run_dir = root / f"ours-seed{seed}"
     load_before = os.getloadavg()
-    run_trainer(run_dir, nproc, data_dir, [*data_flags, "--seed", str(seed), *extra])
+    run_trainer(run_dir, nproc, data_dir, [*data_flags, "--seed", str(seed), "--keep", "0", *extra])
     load_after = os.getloadavg()
     tb = read_run(run_dir)
     imgs = [r["img_s"] for r in tb["rows"] if not math.isnan(r["img_s"])]
     acc = {tta: evaluate_ours(run_dir / "checkpoints" / "latest.pt", data_dir, data_flags, tta) for tta in TTA}
+    # each epoch's checkpoint scored now, untimed (one view), at the time its epoch ended; then the run's own end
+    epochs = common.untimed_epoch_curve(run_dir, tb["meta"]["launch"],
+                                        lambda f: evaluate_ours(Path(f), data_dir, data_flags, "none"))
+    curve = epochs[:-1] + [[r["wall_s"], r["acc"]] for r in tb["rows"]]
     return {"side": "ours", "seed": seed, "command": tb["meta"]["command"], "wall_s": tb["total_s"], "acc": acc,
-            "reported": tb["rows"][-1]["acc"], "curve": [[r["wall_s"], r["acc"]] for r in tb["rows"]],
+            "reported": tb["rows"][-1]["acc"], "curve": curve,
             "img_s": statistics.mean(imgs) if imgs else float("nan"), "load_before": load_before,
             "load_after": load_after}
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddp import checkpoint, data, models
+from ddp import checkpoint, data, models, versions
 from ddp.config import DEFAULTS, TTA_CHOICES, OneLineParser
 from ddp.dist import Context, all_reduce_sum, log, process_group
 from ddp.optim import AMP_CHOICES, autocast, autocast_dtype
@@ -81,6 +81,7 @@ def build_parser() -> OneLineParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    versions.require("python -m ddp.evaluate")
     args = build_parser().parse_args(argv)
     with process_group(args.device) as ctx:
         try:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from ddp import checkpoint, config, data, models
+from ddp import checkpoint, config, data, models, versions
 from ddp.dist import (
     Context,
     PeerFailedError,
@@ -280,6 +280,7 @@ def _train(args: argparse.Namespace, ctx: Context) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    versions.require("python -m ddp.train")  # before anything that an old torch lacks
     args = config.parse_args(argv)  # bad flags exit here, before any process group exists
     if args.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before CUDA starts: cuBLAS needs it

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ddp import versions
 from ddp.checkpoint.errors import CheckpointError, printable
 from ddp.checkpoint.files import FORMAT, WEIGHTS_FORMAT, atomic_write, save_checkpoint
 from ddp.checkpoint.keys import (
@@ -335,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    versions.require(PROG)
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

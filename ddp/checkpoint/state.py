@@ -125,6 +125,12 @@ def restore_checkpoint(ckpt: Mapping[str, Any], model: nn.Module, optimizer: tor
             try:  # load_state_dict casts/moves the state to each parameter's device and dtype
                 optimizer.load_state_dict(ckpt["optimizer"])
             except (ValueError, KeyError, RuntimeError) as e:
+                groups = ckpt["optimizer"].get("param_groups") if isinstance(ckpt["optimizer"], Mapping) else None
+                if groups and not any("name" in group for group in groups):  # tests/fixtures/checkpoints/48d373d-*
+                    raise CheckpointMismatchError(
+                        "this checkpoint predates the Muon recipe (its optimizer's parameter groups have no names), "
+                        "so its optimizer state cannot continue today's; start from its weights instead: "
+                        "--init-from FILE --resume none") from e
                 raise CheckpointMismatchError(f"optimizer state does not fit: {first_line(e)}; was the checkpoint "
                                               "saved with a different optimizer or model?") from e
     if scheduler is not None:
