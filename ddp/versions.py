@@ -1,8 +1,7 @@
 """The oldest torch and torchvision this code runs on, and a one-line refusal of anything older.
 
-Found from the APIs the code calls (docs/installing.md lists them): torch 2.5 is the first release with
-`torch.serialization.safe_globals`, which every checkpoint load goes through; torchvision 0.20 is the
-release built for torch 2.5. The entry points call `require()` first, so an old install fails with one
+Found from the APIs the code calls (docs/installing.md lists them): torch 2.5 is the oldest release in
+which every one of them is certain; torchvision 0.20 is the release built for torch 2.5. The entry points call `require()` first, so an old install fails with one
 line instead of an AttributeError deep in a run.
 """
 
