@@ -14,7 +14,7 @@ from pathlib import Path
 
 from conftest import REPO
 
-TEST_ONLY = {"pytest", "ruff", "hypothesis", "lightning", "timm", "huggingface_hub"}
+TEST_ONLY = {"pytest", "ruff", "hypothesis", "lightning", "timm", "huggingface_hub", "accelerate", "onnx", "h5py"}
 
 
 def _requirements(path: Path) -> list[str]:
