@@ -27,6 +27,7 @@ import pickletools
 import random
 import shutil
 import struct
+import warnings
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -139,7 +140,8 @@ def mutate_zip(path: Path, rng: random.Random) -> None:
     else:
         del records[rng.randrange(len(records))]
     method = zipfile.ZIP_DEFLATED if rng.random() < 0.1 else zipfile.ZIP_STORED
-    with zipfile.ZipFile(path, "w", method) as z:
+    with zipfile.ZipFile(path, "w", method) as z, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Duplicate name": that is the point
         for info, data in records:
             info.compress_type = method
             z.writestr(info, data)

@@ -37,6 +37,7 @@ unvalidated sparse, meta, uninitialised), import, socket, exec, write.
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import json
 import os
 import re
@@ -75,7 +76,6 @@ ALLOC_FAILED = re.compile(r"can't allocate memory|not enough memory|out of memor
                           re.IGNORECASE)
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 CPU = Context(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), backend="gloo")
-_FILTERS = list(warnings.filters)  # the interpreter's warning filters, as a fresh `python -m` has them
 
 
 @dataclass
@@ -141,6 +141,20 @@ def _hook(event: str, args: tuple) -> None:
                 _report("write", f"{event} {path}")
     except Exception as e:  # noqa: BLE001 -- the hook must never break the run it watches
         _report("hook", f"{event}: {e!r}")
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+def _plain_warnings() -> None:
+    """Warnings as a fresh `python -m` shows them, on stderr: not recorded by pytest, none forgotten as shown."""
+    warnings.resetwarnings()
+    for category in (ImportWarning, ResourceWarning, PendingDeprecationWarning, DeprecationWarning):
+        warnings.simplefilter("ignore", category)
+    warnings.filterwarnings("default", category=DeprecationWarning, module="__main__")
+    warnings.showwarning = _show_warning
+    warnings._showwarnmsg_impl = lambda m: _show_warning(m.message, m.category, m.filename, m.lineno, m.file, m.line)
 
 
 def _status(pid: int | str = "self") -> dict[str, int]:
@@ -249,9 +263,9 @@ def _child(entry: str, path: str, run: Path, case_dir: str, data_dir: str, fill:
         tempfile.tempdir = str(tmp)
         if extra_path:  # as if run from the directory that holds the file: `python -m` puts cwd on sys.path
             sys.path.insert(0, extra_path)
+        faulthandler.disable()  # pytest's would print the crash into the test's output: the signal is reported
         sys.excepthook = sys.__excepthook__  # torch.distributed's prefixes "[rank0]: " once a group existed
-        warnings.filters[:] = _FILTERS
-        warnings._filters_mutated()  # forget what was already shown once in the parent
+        _plain_warnings()
         data = _status()
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
         resource.setrlimit(resource.RLIMIT_DATA, (data["VmData"] + (2 << 30),) * 2)
