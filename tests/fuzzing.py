@@ -297,9 +297,8 @@ def mutant(seed_paths: dict[str, Path], out: Path, rng: random.Random) -> tuple[
     for _ in range(rounds):
         try:
             MUTATORS.get(layout, mutate_file)(target, rng)
-        except (ValueError, KeyError, IndexError, StopIteration, zipfile.BadZipFile, pickle.UnpicklingError,
-                struct.error, OSError, EOFError, TypeError):
-            break  # an earlier mutation left nothing this one understands: keep what we have
+        except Exception:  # noqa: BLE001 -- an earlier mutation left nothing this one can parse: keep what we have
+            break
     return layout, target
 
 
