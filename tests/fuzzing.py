@@ -360,12 +360,16 @@ def campaign(root: Path, *, seed: int = 0, cases: int | None = None, seconds: fl
             clean = 0 if bad else clean + 1
             stats["longest_clean"] = max(stats["longest_clean"], clean)
             for o in bad:
+                if o.finding == "skipped":  # after another entry point's timeout: that one is the finding
+                    continue
                 stats["findings"].append((name, o))
                 log(f"finding {name} ({layout}): {o.entry}: {o.finding}: {o.detail[:160]}")
             if bad and out is not None:
                 dest = out / f"{name}-{layout}-{bad[0].entry}-{bad[0].finding}"
                 _copy(root / "mutants" / name, dest)
-                (dest / "outcome.json").write_text(json.dumps([asdict(o) for o in bad], indent=1))
+                given = path.relative_to(root / "mutants" / name)  # what to pass: python tests/sandbox_run.py DEST/GIVEN
+                (dest / "outcome.json").write_text(json.dumps({"path": str(given), "layout": layout,
+                                                               "outcomes": [asdict(o) for o in bad]}, indent=1))
             shutil.rmtree(root / "mutants" / name, ignore_errors=True)
         shutil.rmtree(root / "runs", ignore_errors=True)
     return stats

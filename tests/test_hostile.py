@@ -6,9 +6,15 @@ control character, secret from outside the path, import outside the fixed set, s
 file (tests/sandbox_run.py says how each is watched). All cases run once, two children at a time; each
 test then reads its case's outcomes. ddp.evaluate (about 1.5 s a run: a process group, a data set) runs
 on the cases whose harm it reaches in its own way; the other entry points on every case.
+
+    HOSTILE_OUTCOMES=out.jsonl python -m pytest tests/test_hostile.py    # also writes every outcome
 """
 
 from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
 
 import pytest
 
@@ -52,6 +58,10 @@ def outcomes(sandbox, request) -> dict[str, list[Outcome]]:
     found: dict[str, list[Outcome]] = {}
     for outcome in box.run(jobs):
         found.setdefault(outcome.case, []).append(outcome)
+    if os.environ.get("HOSTILE_OUTCOMES"):  # a JSON line per run, for a table of what fails and how
+        with open(os.environ["HOSTILE_OUTCOMES"], "w") as f:
+            f.writelines(json.dumps({"cls": hostile.by_name()[o.case].cls, **asdict(o)}) + "\n"
+                         for runs in found.values() for o in runs)
     return found
 
 
