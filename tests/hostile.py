@@ -462,8 +462,8 @@ def shard_named_many_ways(d: Path) -> Path:
     from safetensors.torch import save_file
 
     (d / "ckpt").mkdir()
-    save_file({"w": torch.ones(1 << 19)}, d / "ckpt" / "s.safetensors")  # 2 MiB
-    weight_map = {"w": "s.safetensors", **{f"w{i}": f"x{i}/../s.safetensors" for i in range(5000)}}
+    save_file({"w": torch.ones(1 << 20)}, d / "ckpt" / "s.safetensors")  # 4 MiB, read once per spelling: 80 GB
+    weight_map = {"w": "s.safetensors", **{f"w{i}": f"x{i}/../s.safetensors" for i in range(20_000)}}
     (d / "ckpt" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     return d / "ckpt"
 
@@ -551,8 +551,10 @@ def dcp_chunk_outside_tensor(d: Path) -> Path:
 
 @case("traceback", fill=1.0)
 def dcp_chunks_overlap(d: Path) -> Path:
-    """Two chunks of 2 at offsets 0 and 1 of a tensor of 4: 4 elements "covered", element 3 never written."""
-    return dcp_dir(d / "ckpt", {"w": ([4], [([0], torch.ones(2)), ([1], torch.ones(2))])})
+    """Two chunks of 2**17 at offsets 0 and 1 of a tensor of 2**18: all of it "covered", yet its last
+    2**17 - 1 elements are never written (a fresh 1 MiB allocation: zeros, or whatever was there)."""
+    half = torch.ones(1 << 17)
+    return dcp_dir(d / "ckpt", {"w": ([1 << 18], [([0], half), ([1], half)])})
 
 
 @case("traceback")

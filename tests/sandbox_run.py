@@ -332,7 +332,24 @@ class Job:
     secret: str = ""
     fill: float | None = None
     extra_path: str | None = None
+    # set when it starts: its run directory, the case's files before, the memory bound, the pipe, the watch
     run: Path = field(default=Path())
+    before: set[str] = field(default_factory=set)
+    limit: int = 0
+    read_fd: int = -1
+    started: float = 0.0
+    killed: str = ""  # "timeout" or "memory" once the parent killed it
+    text: bytes = b""  # what came through the pipe
+    peak: int = 0  # the highest RSS above its start seen by polling
+
+
+def _messages(job: Job) -> list[dict]:
+    """The complete JSON lines the child sent so far."""
+    out = []
+    for line in job.text.decode(errors="replace").split("\n")[:-1]:
+        with contextlib.suppress(ValueError):
+            out.append(json.loads(line))
+    return out
 
 
 class Sandbox:
@@ -397,34 +414,33 @@ class Sandbox:
         self._runs += 1
         job.run = self.root / "runs" / f"{self._runs:06d}"
         job.run.mkdir(parents=True)
-        job.before = _files([job.case_dir])  # type: ignore[attr-defined]
-        job.limit = max(FLOOR_MIB << 20, K * path_size(job.path))  # type: ignore[attr-defined]
-        job.read_fd, write_fd = os.pipe()  # type: ignore[attr-defined]
+        job.before = _files([job.case_dir])
+        job.limit = max(FLOOR_MIB << 20, K * path_size(job.path))
+        job.read_fd, write_fd = os.pipe()
         sys.stdout.flush()
         sys.stderr.flush()
         pid = os.fork()
         if pid == 0:
-            os.close(job.read_fd)  # type: ignore[attr-defined]
+            os.close(job.read_fd)
             _child(job.entry, str(job.path), job.run, str(job.case_dir), self.data_dir, job.fill,
                    job.extra_path, write_fd, self.modules)
         os.close(write_fd)
-        os.set_blocking(job.read_fd, False)  # type: ignore[attr-defined]
-        job.started, job.killed, job.text, job.peak = time.monotonic(), "", b"", 0  # type: ignore[attr-defined]
+        os.set_blocking(job.read_fd, False)
+        job.started = time.monotonic()
         return pid
 
-    def _drain(self, job: Any) -> None:
+    def _drain(self, job: Job) -> None:
         while select.select([job.read_fd], [], [], 0)[0]:
             chunk = os.read(job.read_fd, 65536)
             if not chunk:
                 break
             job.text += chunk
 
-    def _poll(self, pid: int, job: Any) -> Outcome | None:
+    def _poll(self, pid: int, job: Job) -> Outcome | None:
         self._drain(job)
         waited, status, usage = os.wait4(pid, os.WNOHANG)
         if waited == 0:
-            lines = [json.loads(x) for x in job.text.decode(errors="replace").splitlines() if x.startswith("{")]
-            start = next((x["start_rss"] for x in lines if "start_rss" in x), None)
+            start = next((x["start_rss"] for x in _messages(job) if "start_rss" in x), None)
             rss = _status(pid).get("VmRSS", 0)
             if start is not None:
                 job.peak = max(job.peak, rss - start)
@@ -442,9 +458,9 @@ class Sandbox:
         os.close(job.read_fd)
         return self._classify(job, status, usage)
 
-    def _classify(self, job: Any, status: int, usage: Any) -> Outcome:
+    def _classify(self, job: Job, status: int, usage: Any) -> Outcome:
         seconds = time.monotonic() - job.started
-        lines = [json.loads(x) for x in job.text.decode(errors="replace").splitlines() if x.startswith("{")]
+        lines = _messages(job)
         start = next((x["start_rss"] for x in lines if "start_rss" in x), None)
         report = next((x for x in lines if "status" in x), None)
         events = [x for x in lines if "event" in x]
