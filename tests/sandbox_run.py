@@ -71,6 +71,7 @@ FLOOR_MIB = 64  # ... or by this much, whichever is more
 API = ["load_weights", "load_model_state", "load_into", "init_from", "resume"]
 CLI = ["inspect", "inspect_model", "convert", "export", "evaluate"]
 ENTRIES = API + CLI
+CUSTOM: dict[str, Any] = {}  # name -> function(path): more entry points, run as the API ones (the watch's own tests)
 CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # what a terminal may act on; \t and \n are fine
 ALLOC_FAILED = re.compile(r"can't allocate memory|not enough memory|out of memory|MemoryError|DefaultCPUAllocator",
                           re.IGNORECASE)
@@ -211,7 +212,9 @@ def _loaded_text(obj: Any) -> str:
 
 def _run_api(entry: str, path: str, cwd: Path, fill: float | None) -> dict:
     result: Any = None
-    if entry == "load_weights":
+    if entry in CUSTOM:
+        result = CUSTOM[entry](path)
+    elif entry == "load_weights":
         result = checkpoint.load_weights(path)
     elif entry == "load_model_state":
         result = checkpoint.load_model_state(path)
@@ -276,7 +279,7 @@ def _child(entry: str, path: str, run: Path, case_dir: str, data_dir: str, fill:
         _audit.update(fd=fd, count=0, modules=modules, writable=(os.path.realpath(out), "/dev/null"),
                       readable=readable, case_dir=os.path.realpath(case_dir))
         try:
-            if entry in API:
+            if entry in API or entry in CUSTOM:
                 report = _run_api(entry, path, cwd, fill)
             else:
                 main, argv = _cli_argv(entry, path, out, data_dir)

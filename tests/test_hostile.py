@@ -87,3 +87,52 @@ def test_hostile_case_loads_or_is_refused_in_one_line(name: str, outcomes: dict[
     bad = [f"{o.entry}: {o.finding}: {o.detail} (peak {o.peak_mib} MiB, {o.seconds} s)" for o in got if not o.ok]
     assert not bad, f"{name} ({hostile.by_name()[name].cls}):\n" + "\n".join(bad)
 
+
+
+def _touch_memory(_: str) -> None:
+    block = bytearray(512 << 20)
+    block[::4096] = b"\x01" * len(block[::4096])  # resident, page by page
+
+
+MISDEEDS = {  # what a reader might do -> the finding the watch must report
+    "segfault": (lambda _: os.kill(os.getpid(), 11), "signal"),
+    "hang": (lambda _: __import__("time").sleep(60), "timeout"),
+    "memory": (_touch_memory, "memory"),
+    "socket": (lambda _: __import__("socket").socket().close(), "socket"),
+    "write": (lambda p: open(os.path.join(os.path.dirname(p), "dropped"), "w").close(), "write"),
+    "temp_dir": (lambda _: __import__("tempfile").mkdtemp(), "write"),
+    "subprocess": (lambda _: __import__("subprocess").run(["true"], check=False), "exec"),
+    "import": (lambda _: __import__("importlib").import_module("tabnanny"), "import"),
+    "read_outside": (lambda p: open(os.path.join(os.path.dirname(os.path.dirname(p)), "secret.txt")).close(),
+                     "outside"),
+    "escape": (lambda _: print("\x1b[2Jfake"), "control"),
+    "warning": (lambda _: __import__("warnings").warn("careful", UserWarning, stacklevel=1), "stderr"),
+    "other_error": (lambda _: {}["missing"], "traceback"),
+    "two_line_error": (lambda _: (_ for _ in ()).throw(__import__("ddp").checkpoint.CheckpointError("a\nb")),
+                       "stderr"),
+    "alloc_error": (lambda _: bytearray(1 << 62), "memory"),
+}
+
+
+def test_the_watch_reports_every_kind_of_misdeed(sandbox, tmp_path) -> None:
+    """The sandbox is what makes the hostile tests able to fail: each misdeed, done by a stand-in reader in
+    a child, is reported as the finding it is; a clean stand-in is a load."""
+    import sandbox_run
+
+    box, _ = sandbox
+    (tmp_path / "case" / "ckpt").mkdir(parents=True)
+    (tmp_path / "case" / "secret.txt").write_text("not yours")
+    path = tmp_path / "case" / "ckpt" / "file.pt"
+    path.write_bytes(b"x")
+    sandbox_run.CUSTOM.update({f"misdeed_{k}": f for k, (f, _) in MISDEEDS.items()}, clean=lambda _: None)
+    timeout, box.timeout = box.timeout, 3.0
+    try:
+        got = box.run([Job("watch", e, path, tmp_path / "case") for e in [*sandbox_run.CUSTOM]],
+                      skip_after_timeout=False)
+    finally:
+        box.timeout = timeout
+    found = {o.entry: o for o in got}
+    assert found["clean"].outcome == "loaded", found["clean"]
+    wrong = {k: (found[f"misdeed_{k}"].finding, found[f"misdeed_{k}"].detail) for k, (_, want) in MISDEEDS.items()
+             if found[f"misdeed_{k}"].finding != want}
+    assert not wrong, wrong
