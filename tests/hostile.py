@@ -202,7 +202,7 @@ def deep_list(d: Path) -> Path:
 
 @case("memory corruption")
 def deep_dict(d: Path) -> Path:
-    return _deep(d, lambda p, _: p.dict().s("k"), b"s", 300_000)
+    return _deep(d, lambda p, _: p.dict().s("k"), b"s", 600_000)  # 3.6 MB: ~140 MB of dicts
 
 
 # ----------------------------------------------------------------------------- code execution

@@ -247,6 +247,30 @@ def _cli_argv(entry: str, path: str, out: Path, data_dir: str) -> tuple[Any, lis
     return cli.main, argv
 
 
+def _run_entry(entry: str, path: str, cwd: Path, out: Path, data_dir: str, fill: float | None) -> dict:
+    if entry in API or entry in CUSTOM:
+        return _run_api(entry, path, cwd, fill)
+    main, argv = _cli_argv(entry, path, out, data_dir)
+    try:
+        code = main(argv) or 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    return {"status": "exit", "code": code}
+
+
+def _report_error(e: BaseException, path: str) -> dict:
+    """A CheckpointError is a refusal; so is FileNotFoundError for a path that does not exist, and
+    IsADirectoryError for a directory given that holds no checkpoint. Anything else: the traceback Python
+    would print, and an error."""
+    as_given = isinstance(e, FileNotFoundError) and not os.path.exists(path) or \
+        isinstance(e, IsADirectoryError) and os.path.isdir(path)
+    if isinstance(e, checkpoint.CheckpointError) or as_given:
+        return {"status": "refused", "detail": f"{type(e).__name__}: {e}", "alloc": _alloc_failed(e),
+                "multiline": "\n" in str(e).strip()}
+    traceback.print_exception(e)
+    return {"status": "error", "detail": f"{type(e).__name__}: {str(e).strip()[:300]}", "alloc": _alloc_failed(e)}
+
+
 def _child(entry: str, path: str, run: Path, case_dir: str, data_dir: str, fill: float | None,
            extra_path: str | None, fd: int, modules: frozenset[str]) -> None:
     """In the forked child: confine, run one entry point, report, exit. Never returns."""
@@ -279,22 +303,9 @@ def _child(entry: str, path: str, run: Path, case_dir: str, data_dir: str, fill:
         _audit.update(fd=fd, count=0, modules=modules, writable=(os.path.realpath(out), "/dev/null"),
                       readable=readable, case_dir=os.path.realpath(case_dir))
         try:
-            if entry in API or entry in CUSTOM:
-                report = _run_api(entry, path, cwd, fill)
-            else:
-                main, argv = _cli_argv(entry, path, out, data_dir)
-                try:
-                    code = main(argv) or 0
-                except SystemExit as e:
-                    code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-                report = {"status": "exit", "code": code}
-        except (checkpoint.CheckpointError, FileNotFoundError, IsADirectoryError) as e:
-            report = {"status": "refused", "detail": f"{type(e).__name__}: {e}",
-                      "alloc": _alloc_failed(e), "multiline": "\n" in str(e).strip()}
-        except BaseException as e:  # noqa: BLE001 -- what Python would print, then a finding
-            traceback.print_exc()
-            report = {"status": "error", "detail": f"{type(e).__name__}: {str(e).strip()[:300]}",
-                      "alloc": _alloc_failed(e)}
+            report = _run_entry(entry, path, cwd, out, data_dir, fill)
+        except BaseException as e:  # noqa: BLE001 -- judged below
+            report = _report_error(e, path)
         _audit["fd"] = None
         new = sorted(set(sys.modules) - modules)  # importlib.import_module raises no "import" audit event
         if new:

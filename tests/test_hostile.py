@@ -111,6 +111,7 @@ MISDEEDS = {  # what a reader might do -> the finding the watch must report
     "two_line_error": (lambda _: (_ for _ in ()).throw(__import__("ddp").checkpoint.CheckpointError("a\nb")),
                        "stderr"),
     "alloc_error": (lambda _: bytearray(1 << 62), "memory"),
+    "not_found_inside": (lambda p: open(p + ".missing-shard").close(), "traceback"),  # the path given exists
 }
 
 
