@@ -13,7 +13,15 @@ from ddp.dist import Context, log
 
 
 def find_resume_checkpoint(args: argparse.Namespace, ctx: Context) -> tuple[Path, dict] | None:
-    """The checkpoint to resume from, loaded onto this rank's device, per --resume; None to start fresh."""
+    """The checkpoint to resume from, loaded onto this rank's device and checked part by part, per --resume;
+    None to start fresh."""
+    found = _find(args, ctx)
+    if found is not None:
+        checkpoint.check_resumable(found[1], str(found[0]))
+    return found
+
+
+def _find(args: argparse.Namespace, ctx: Context) -> tuple[Path, dict] | None:
     if args.resume == "none":
         return None
     if args.resume not in ("auto", "latest"):  # any file or directory the one reader knows (a DCP copy, say)

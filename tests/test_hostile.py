@@ -108,7 +108,9 @@ MISDEEDS = {  # what a reader might do -> the finding the watch must report
     "escape": (lambda _: print("\x1b[2Jfake"), "control"),
     "warning": (lambda _: __import__("warnings").warn("careful", UserWarning, stacklevel=1), "stderr"),
     "other_error": (lambda _: {}["missing"], "traceback"),
-    "two_line_error": (lambda _: (_ for _ in ()).throw(__import__("ddp").checkpoint.CheckpointError("a\nb")),
+    # a CheckpointError's message is one line by construction (newlines escaped), so a second line must be printed
+    "two_line_error": (lambda _: (print("noise", file=__import__("sys").stderr),
+                                  (_ for _ in ()).throw(__import__("ddp").checkpoint.CheckpointError("a\nb"))),
                        "stderr"),
     "alloc_error": (lambda _: bytearray(1 << 62), "memory"),
     "not_found_inside": (lambda p: open(p + ".missing-shard").close(), "traceback"),  # the path given exists

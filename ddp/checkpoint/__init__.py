@@ -52,6 +52,7 @@ from ddp.checkpoint.readers.dcp import is_dcp_directory, read_dcp
 from ddp.checkpoint.readers.torch_file import load_checkpoint
 from ddp.checkpoint.state import (
     capture_rng,
+    check_resumable,
     epoch_checkpoint_name,
     make_checkpoint,
     newest_valid_checkpoint,
@@ -94,6 +95,7 @@ __all__ = [
     "Weights",
     "align_prefixes",
     "capture_rng",
+    "check_resumable",
     "cpu_copy",
     "detect_prefixes",
     "diff_state",

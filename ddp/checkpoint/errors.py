@@ -8,8 +8,23 @@ if TYPE_CHECKING:
     from ddp.checkpoint.keys import KeyDiff
 
 
+# C0 and C1 controls (ESC starts terminal escape sequences), DEL, and the bidirectional overrides that reorder
+# what a terminal shows: a name read from a file can contain any of them
+_UNPRINTABLE = {c: f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}"
+                for c in [*range(0x20), *range(0x7F, 0xA0), *range(0x202A, 0x202F), *range(0x2066, 0x206A)]}
+
+
+def printable(text: object) -> str:
+    """`text` with every control character escaped (\\x1b): what a file holds can never drive the terminal."""
+    return str(text).translate(_UNPRINTABLE)
+
+
 class CheckpointError(Exception):
-    """Base class; every message is one line meant for the user."""
+    """Base class; every message is one line meant for the user, with control characters escaped (it may quote
+    key and class names from a file, which can hold terminal escape sequences)."""
+
+    def __init__(self, message: object = "", *args: object):
+        super().__init__(printable(message), *args)
 
 
 class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
@@ -46,17 +61,6 @@ class CheckpointLockedError(CheckpointError):
 
 class DamagedCheckpointWarning(UserWarning):
     """A checkpoint file was skipped because it is unreadable; an older one is used instead."""
-
-
-# C0 and C1 controls (ESC starts terminal escape sequences), DEL, and the bidirectional overrides that reorder
-# what a terminal shows: a name read from a file can contain any of them
-_UNPRINTABLE = {c: f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}"
-                for c in [*range(0x20), *range(0x7F, 0xA0), *range(0x202A, 0x202F), *range(0x2066, 0x206A)]}
-
-
-def printable(text: object) -> str:
-    """`text` with every control character escaped (\\x1b): what a file holds can never drive the terminal."""
-    return str(text).translate(_UNPRINTABLE)
 
 
 def first_line(e: BaseException, limit: int = 200) -> str:

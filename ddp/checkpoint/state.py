@@ -51,6 +51,11 @@ def _opt_float(x: Any) -> float | None:
     return None if x is None else float(x)
 
 
+OPTIONAL = (Mapping, type(None))
+RESUMED_PARTS = {"model": Mapping, "progress": Mapping, "config": Mapping, "metrics": Mapping, "env": Mapping,
+                 "optimizer": OPTIONAL, "scheduler": OPTIONAL, "scaler": OPTIONAL, "lookahead": OPTIONAL, "rng": OPTIONAL}
+
+
 def capture_rng() -> dict:
     """Python, numpy, torch CPU and (if available) every CUDA device's RNG state, as plain types/tensors."""
     s = np.random.get_state(legacy=False)
@@ -67,6 +72,14 @@ def restore_rng(state: Mapping[str, Any] | None) -> None:
     """Inverse of capture_rng; missing parts (e.g. converted checkpoints) and absent CUDA devices are skipped."""
     if not state:
         return
+    try:
+        _restore_rng(state)
+    except (TypeError, ValueError, KeyError, RuntimeError, AttributeError, IndexError) as e:
+        raise CheckpointFormatError(f"the checkpoint's RNG state does not restore ({first_line(e, 100)}): damaged or "
+                                    "crafted; pick another checkpoint") from None
+
+
+def _restore_rng(state: Mapping[str, Any]) -> None:
     if state.get("python") is not None:
         version, internal, gauss = state["python"]
         random.setstate((version, tuple(internal), gauss))
@@ -110,13 +123,31 @@ def make_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer | None, s
     }
 
 
+def check_resumable(ckpt: Any, where: str = "the checkpoint") -> None:
+    """Refuse, in one line, a file that is not a training checkpoint of ours in every part resume reads.
+
+    A latest.pt can come from anywhere (--resume PATH): its parts are checked before any is used.
+    """
+    fmt = ckpt.get("format") if isinstance(ckpt, Mapping) else None
+    if fmt != FORMAT:
+        raise CheckpointFormatError(f"cannot resume from a checkpoint of format {str(fmt)[:40]!r} (need {FORMAT!r}); "
+                                    "for weights from elsewhere use --init-from, or `python -m ddp.checkpoint convert`")
+    bad = [key for key, kinds in RESUMED_PARTS.items() if not isinstance(ckpt.get(key), kinds)]
+    model, progress = ckpt.get("model"), ckpt.get("progress") or {}
+    if not bad and not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in model.items()):
+        bad = ["model"]
+    if not bad and not all(type(progress.get(k)) is int and progress[k] >= 0 for k in ("epoch", "batch_in_epoch", "step")):
+        bad = ["progress"]
+    if bad:
+        raise CheckpointFormatError(f"{where} is not a {FORMAT} training checkpoint as this code writes it (its "
+                                    f"{bad[0]!r} is {type(ckpt.get(bad[0])).__name__}): damaged or crafted; pick "
+                                    "another checkpoint, or --resume none")
+
+
 def restore_checkpoint(ckpt: Mapping[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
                        scheduler: Any = None, scaler: Any = None, lookahead: Any = None) -> None:
     """Load model (strict), then optimizer/scheduler/scaler/lookahead state; RNG is left to the caller (restore_rng)."""
-    fmt = ckpt.get("format") if isinstance(ckpt, Mapping) else None
-    if fmt != FORMAT:
-        raise CheckpointFormatError(f"cannot resume from a checkpoint of format {fmt!r} (need {FORMAT!r}); for "
-                                    "weights from elsewhere use --init-from, or `python -m ddp.checkpoint convert`")
+    check_resumable(ckpt)
     load_state_into(model, ckpt["model"], strict=True)
     if optimizer is not None:
         if ckpt.get("optimizer") is None:
@@ -124,8 +155,9 @@ def restore_checkpoint(ckpt: Mapping[str, Any], model: nn.Module, optimizer: tor
         else:
             try:  # load_state_dict casts/moves the state to each parameter's device and dtype
                 optimizer.load_state_dict(ckpt["optimizer"])
-            except (ValueError, KeyError, RuntimeError) as e:
+            except (ValueError, KeyError, RuntimeError, TypeError, AttributeError, IndexError) as e:
                 groups = ckpt["optimizer"].get("param_groups") if isinstance(ckpt["optimizer"], Mapping) else None
+                groups = groups if isinstance(groups, list) and all(isinstance(g, Mapping) for g in groups) else None
                 if groups and not any("name" in group for group in groups):  # tests/fixtures/checkpoints/48d373d-*
                     raise CheckpointMismatchError(
                         "this checkpoint predates the Muon recipe (its optimizer's parameter groups have no names), "
@@ -137,17 +169,22 @@ def restore_checkpoint(ckpt: Mapping[str, Any], model: nn.Module, optimizer: tor
         if ckpt.get("scheduler") is None:
             warnings.warn("checkpoint has no scheduler state; the LR schedule restarts", stacklevel=2)
         else:
-            scheduler.load_state_dict(ckpt["scheduler"])
+            _load_part("scheduler", scheduler, ckpt["scheduler"])
     if scaler is not None and ckpt.get("scaler"):  # {} means saved without AMP: keep the fresh scaler
-        scaler.load_state_dict(ckpt["scaler"])
+        _load_part("scaler", scaler, ckpt["scaler"])
     if lookahead is not None:
         if ckpt.get("lookahead") is None:  # saved without lookahead: the slow weights start as the loaded ones
             lookahead.reset()
         else:
-            try:
-                lookahead.load_state_dict(ckpt["lookahead"])
-            except (ValueError, RuntimeError) as e:
-                raise CheckpointMismatchError(f"lookahead state does not fit: {first_line(e)}") from e
+            _load_part("lookahead", lookahead, ckpt["lookahead"])
+
+
+def _load_part(name: str, target: Any, state: Any) -> None:
+    try:
+        target.load_state_dict(state)
+    except (ValueError, KeyError, RuntimeError, TypeError, AttributeError, IndexError) as e:
+        raise CheckpointMismatchError(f"{name} state does not fit: {first_line(e)}; was the checkpoint saved with "
+                                      "another recipe, or damaged?") from e
 
 
 def epoch_checkpoint_name(epoch: int) -> str:

@@ -36,6 +36,7 @@ HOSTILE_MODULES = frozenset({
 })
 MAX_DEPTH = 100  # containers inside containers; real checkpoints stay under 10
 MAX_NAMES = 4096  # distinct classes a pickle may name
+MAX_STACK = 100_000  # objects waiting on the unpickler's stack: pickle appends and sets items in batches of 1,000
 MAX_CALLS = 200_000  # objects a pickle may construct: ~3 per tensor, and real files hold far fewer than 50k
 # classes in SAFE_GLOBALS that may be called; the others (torch.Tensor, Parameter, ndarray) are only values
 CALLABLE_CLASSES = frozenset(v for v in SAFE_GLOBALS.values() if isinstance(v, type)
@@ -254,6 +255,21 @@ class InertUnpickler(pickle._Unpickler):  # the pure-Python unpickler: each opco
             self._depth[id(obj)] = (obj, depth)
         return obj
 
+    # -- bounded work in progress: open MARKs and objects waiting on the stack (each costs memory before any
+    # structure is complete enough to check)
+    def _check_room(self) -> None:
+        if len(self.metastack) > 2 * MAX_DEPTH or len(self.stack) > MAX_STACK:
+            raise pickle.UnpicklingError(f"objects nested more than {MAX_DEPTH} deep, or over {MAX_STACK:,} "
+                                         "waiting to be placed")
+
+    def _room_op(name: str) -> Any:
+        base = pickle._Unpickler.dispatch[_opcode(name)]
+
+        def load(self: InertUnpickler) -> None:
+            self._check_room()
+            base(self)
+        return load
+
     def _tuple_op(name: str) -> Any:
         base = pickle._Unpickler.dispatch[_opcode(name)]
 
@@ -264,13 +280,15 @@ class InertUnpickler(pickle._Unpickler):  # the pure-Python unpickler: each opco
 
     for _name in ("TUPLE", "TUPLE1", "TUPLE2", "TUPLE3", "FROZENSET"):
         dispatch[_opcode(_name)] = _tuple_op(_name)
+    for _name in ("MARK", "EMPTY_DICT", "EMPTY_LIST", "EMPTY_SET", "EMPTY_TUPLE"):
+        dispatch[_opcode(_name)] = _room_op(_name)
     dispatch[_opcode("REDUCE")] = load_reduce
     dispatch[_opcode("NEWOBJ")] = load_newobj
     dispatch[_opcode("NEWOBJ_EX")] = load_newobj_ex
     dispatch[_opcode("INST")] = load_inst
     dispatch[_opcode("OBJ")] = load_obj
     dispatch[_opcode("BUILD")] = load_build
-    del _name, _tuple_op
+    del _name, _tuple_op, _room_op
 
 
 CONTAINERS = (dict, list, tuple, set, frozenset, StandIn, *BUILDABLE)
