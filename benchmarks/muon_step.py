@@ -1,8 +1,8 @@
 """Muon's optimizer step: Newton-Schulz in bf16 vs float32, batched vs one bank at a time, sharded vs replicated.
 
 The baseline is the old way, timed in the same run: every bank alone, in bf16, on every rank
-(`Muon(ns_dtype=torch.bfloat16, batched=False, sharded=False)`). Workloads: fastnet's six filter banks
-and a ResNet-18 512x4608 bank in one process; fastnet's and all twenty of ResNet-18's banks with 2
+(`Muon(ns_dtype=torch.bfloat16, batched=False, sharded=False)`). Workloads: fastnet's six filter banks,
+a ResNet-18 512x4608 bank and all twenty of ResNet-18's banks in one process; fastnet's and all twenty of ResNet-18's banks with 2
 processes (gloo, 1 thread each), where each rank's step is timed after a barrier.
 
     python -m benchmarks.muon_step            # 10 timed steps of each
@@ -24,7 +24,7 @@ from torch import nn
 
 from benchmarks.common import Row, fmt_seconds, interleave, median, report
 from ddp import models
-from ddp.muon import Muon, ns_dtype_for
+from ddp.muon import Muon, ns_dtype_for, shard_plan
 
 BF16, F32 = torch.bfloat16, torch.float32
 VARIANTS = {  # name: (ns_dtype, batched); the first is the baseline
@@ -104,7 +104,8 @@ def main() -> None:
     reps = 3 if args.quick else args.reps
     torch.set_num_threads(1)  # the trainer's: one thread per process
 
-    rows = one_process(["fastnet", "resnet18 512x4608 bank"], reps)
+    one = ["fastnet", "resnet18 512x4608 bank", "resnet18"]
+    rows = one_process(one, reps)
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "times.pt")
         workloads = ["fastnet", "resnet18"]
@@ -117,7 +118,11 @@ def main() -> None:
                      fmt_seconds(old), median(times[name]) / old) for name in ("replicated", "sharded")]
         rows.append(Row(f"{workload}: sharded vs replicated, 2 processes", fmt_seconds(median(times["sharded"])),
                         fmt_seconds(median(times["replicated"])), median(times["sharded"]) / median(times["replicated"])))
+    batches = "; ".join(f"{w}: {len(shard_plan([(s[0], s[1:].numel()) for s in filter_banks(w)], 1))} units "
+                        f"for {len(filter_banks(w))} banks" for w in one)
     report("Muon optimizer step", rows, [
+        (f"Batched: banks of one shape orthogonalised together while under BATCH_NUMEL ({batches}; where units == "
+        "banks, batched and one at a time run the same code and differ by noise)."),
         (f"CPU: {cpu_name()}; native bf16 here: {dtype == 'bfloat16'} (what the trainer picks: {dtype}). "
         f"Baseline: the old way (bf16, one bank at a time, every rank), except the last row of each 2-process "
         f"workload (sharded vs replicated). {reps} timed steps each, interleaved; medians; 1 thread per process; "
