@@ -82,8 +82,8 @@ peer() {
   shift
   mkdir -p "$OUT/peer_data"
   if (cd "$OUT/peer_data" && run "$name" "$@") && [[ $DRY_RUN != 1 ]]; then
-    own="$(sed -n 's/^PEER_TRAINED .*"train_s": \([0-9.]*\).*/\1/p' "$OUT/$name.log")s (own timer)"
-    acc=$(sed -n 's/^PEER_TRAINED {"acc": \([0-9.]*\).*/\1/p' "$OUT/$name.log")
+    own="$(sed -n 's/^PEER_TRAINED .*"train_s": \([0-9.]*\).*/\1/p' "$OUT/$name.log" | tail -1)s (own timer)"
+    acc=$(sed -n 's/^PEER_TRAINED {"acc": \([0-9.]*\).*/\1/p' "$OUT/$name.log" | tail -1)
   fi
   [[ $DRY_RUN == 1 ]] && own="dry run"
   ROWS+=("| $name, 1 GPU | - | $own | $acc (own TTA) |")
