@@ -1,31 +1,23 @@
 """airbench94 (PyPI `airbench==0.1.8`) trained on the CPU, its code unchanged but for where it runs.
 
 Run from a directory holding `cifar10/train.pt` and `cifar10/test.pt` (airbench's own format, which
-`benchmarks.peer` writes); prints airbench's table, then `AIRBENCH_TRAINED` the moment `train94`
-returns, then (untimed) `AIRBENCH_RESULT {"none": ..., "flip": ..., "full": ...}`, the returned model's
-test accuracy at airbench's TTA levels 0, 1 and 2.
+`benchmarks.peer` writes); prints airbench's table with the PEER_* lines of `benchmarks/peer_cpu.py`.
 
-    cd benchmarks/out/peer/airbench_data && PYTHONPATH=../../../.. python -m benchmarks.airbench_cpu --seed 0
+    cd benchmarks/out/peer/peer_data && PYTHONPATH=../../../.. python -m benchmarks.airbench_cpu --seed 0
 
-What is patched, and nothing else:
+What is patched, and nothing else (see benchmarks/peer_cpu.py):
 - `CifarLoader` loads onto the CPU (airbench hard-codes `map_location=torch.device(0)`): the train loader is
   ours with gpu='cpu', the test loader `train()` builds is a subclass with gpu='cpu'. Images stay fp16.
 - `make_net94` runs with `nn.Module.half` and `.cuda` as no-ops, so weights stay float32 on the CPU, and
-  each forward runs under `torch.autocast('cpu', bfloat16)` (the CPU's counterpart of airbench's fp16),
-  returning float logits. One autocast region per forward: autocast caches the bf16 weight copies until
-  the outermost region exits, so a region around the whole loop would train on stale weights.
-- `torch.cuda.Event` times with `time.perf_counter`, `torch.cuda.synchronize` does nothing (CPU ops are
-  synchronous), so airbench's total_time_seconds column is wall time.
+  each forward runs under `torch.autocast('cpu', bfloat16)`, returning float logits.
+- `torch.cuda.Event` and `torch.cuda.synchronize` time wall clock on the CPU.
+With `--device cuda` nothing is patched: airbench94 as published, after one warm-up run as its README does.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import sys
-import time
-from collections.abc import Iterator
 
 import airbench.utils
 import torch
@@ -33,9 +25,7 @@ from airbench.lib_airbench94 import hyp, make_net94, train94
 from airbench.utils import CifarLoader, evaluate
 from torch import nn
 
-TRAINED = "AIRBENCH_TRAINED"  # printed the moment train94 returns: the parent's stopwatch stops here
-RESULT = "AIRBENCH_RESULT"  # then this, followed by the JSON of the untimed TTA evaluations
-TTA_LEVELS = {"none": 0, "flip": 1, "full": 2}
+from benchmarks import peer_cpu
 
 
 class CpuCifarLoader(CifarLoader):
@@ -46,64 +36,38 @@ class CpuCifarLoader(CifarLoader):
         super().__init__(*args, **kwargs)
 
 
-class WallClockEvent:
-    """torch.cuda.Event's timing interface on the CPU: record() notes the time, elapsed_time() in ms."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        self.t = time.perf_counter()
-
-    def record(self, *args, **kwargs) -> None:
-        self.t = time.perf_counter()
-
-    def elapsed_time(self, end: WallClockEvent) -> float:
-        return 1e3 * (end.t - self.t)
-
-
-@contextlib.contextmanager
-def module_casts_disabled() -> Iterator[None]:
-    """nn.Module.half and .cuda return the module unchanged while inside."""
-    half, cuda = nn.Module.half, nn.Module.cuda
-    nn.Module.half = nn.Module.cuda = lambda self, *args, **kwargs: self
-    try:
-        yield
-    finally:
-        nn.Module.half, nn.Module.cuda = half, cuda
-
-
 def make_net94_cpu() -> nn.Module:
     """make_net94's network, float32 weights on the CPU, each forward under bf16 autocast."""
-    with module_casts_disabled():
-        net = make_net94()
-    sequential_forward = type(net).forward
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast("cpu", dtype=torch.bfloat16):  # entered and left around each forward
-            return sequential_forward(net, x).float()
-
-    net.forward = forward
-    return net
+    with peer_cpu.module_casts_disabled():
+        return peer_cpu.autocast_forward(make_net94())
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seed", type=int, default=0, help="torch.manual_seed before training")
     p.add_argument("--epochs", type=float, default=hyp["opt"]["train_epochs"], help="train94(epochs=...)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: airbench94 unpatched")
     args = p.parse_args()
     sys.stdout.reconfigure(line_buffering=True)
 
-    airbench.utils.CifarLoader = CpuCifarLoader  # the name train() looks up for its test loader
-    torch.cuda.Event = WallClockEvent
-    torch.cuda.synchronize = lambda *args, **kwargs: None
+    cpu = args.device == "cpu"
+    loader_class = CpuCifarLoader if cpu else CifarLoader
+    if cpu:
+        airbench.utils.CifarLoader = CpuCifarLoader  # the name train() looks up for its test loader
+        peer_cpu.cuda_timing_on_cpu()
+    peer_cpu.counting(CifarLoader)
+    airbench.utils.print_training_details = peer_cpu.reporting(airbench.utils.print_training_details)
 
+    train_loader = loader_class("cifar10", train=True, batch_size=hyp["opt"]["batch_size"], aug=hyp["aug"],
+                                altflip=True)
+    make_net = make_net94_cpu if cpu else make_net94
+    if not cpu:
+        train94(train_loader=train_loader, epochs=args.epochs, make_net=make_net, run="warmup")
     torch.manual_seed(args.seed)
-    train_loader = CpuCifarLoader("cifar10", train=True, batch_size=hyp["opt"]["batch_size"], aug=hyp["aug"],
-                                  altflip=True)
-    model = train94(train_loader=train_loader, epochs=args.epochs, make_net=make_net94_cpu)
-    print(TRAINED, flush=True)
-
-    test_loader = CpuCifarLoader("cifar10", train=False, batch_size=2000)
-    accs = {name: evaluate(model, test_loader, tta_level=level) for name, level in TTA_LEVELS.items()}
-    print(RESULT, json.dumps(accs), flush=True)
+    peer_cpu.TRAINED_IMAGES[0] = 0
+    model = train94(train_loader=train_loader, epochs=args.epochs, make_net=make_net)
+    test_loader = loader_class("cifar10", train=False, batch_size=2000)
+    peer_cpu.print_result(lambda level: evaluate(model, test_loader, tta_level=level))
 
 
 if __name__ == "__main__":

@@ -47,6 +47,16 @@ def resolve_device(flag: str, local_rank: int, local_world_size: int) -> torch.d
     return torch.device("cpu")
 
 
+def native_bf16(device: torch.device) -> bool:
+    """True where the hardware computes bf16 natively (CUDA with bf16, CPUs with AVX512-BF16 or AMX).
+
+    Elsewhere bf16 is emulated and an order of magnitude slower than float32 (AVX2-only CPUs such as Zen 3).
+    """
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
 def resolve_backend(flag: str, device: torch.device) -> str:
     if flag == "nccl" and device.type != "cuda":
         raise RuntimeError("--backend nccl needs CUDA devices; use --backend gloo on CPU")

@@ -4,69 +4,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 
-from ddp.dist import log
-
-
-@torch.no_grad()
-def orthogonalize(g: torch.Tensor, steps: int = 3, eps: float = 1e-7) -> torch.Tensor:
-    """Roughly U V^T of g = U S V^T, by a quintic Newton-Schulz iteration in bf16 (Muon's update direction).
-
-    airbench94_muon's coefficients and 3 steps: the singular values end up between about 0.5 and 1.5,
-    not at 1, which trains as well and costs fewer matrix products.
-    """
-    a, b, c = 3.4445, -4.7750, 2.0315
-    x = g.bfloat16()
-    x = x / (x.norm() + eps)  # singular values <= 1, where the iteration converges
-    tall = x.size(0) > x.size(1)
-    if tall:
-        x = x.T
-    for _ in range(steps):
-        gram = x @ x.T
-        x = a * x + (b * gram + c * gram @ gram) @ x
-    return (x.T if tall else x).to(g.dtype)
-
-
-class Muon(torch.optim.Optimizer):
-    """Muon for the groups marked `orthogonalize`, SGD with Nesterov momentum for the others: one optimizer.
-
-    One object, so that checkpoints, the LR scheduler and GradScaler see a single optimizer whose state
-    is a momentum buffer per parameter. An orthogonalised tensor (a conv filter bank) is flattened to
-    (out_channels, rest); before each step it is rescaled to norm sqrt(out_channels), as airbench94_muon
-    does, since its update has a fixed size whatever the gradient's. Weight decay applies to SGD groups.
-    """
-
-    def __init__(self, params: Iterable, lr: float, momentum: float, weight_decay: float = 0.0):
-        super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "orthogonalize": False})
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad
-                if group["weight_decay"] and not group["orthogonalize"]:
-                    g = g.add(p, alpha=group["weight_decay"])
-                buf = self.state[p].get("momentum_buffer")
-                if buf is None:
-                    buf = self.state[p]["momentum_buffer"] = g.clone()
-                else:
-                    buf.mul_(group["momentum"]).add_(g)
-                g = g.add(buf, alpha=group["momentum"])  # Nesterov
-                if group["orthogonalize"]:
-                    p.mul_(p.size(0) ** 0.5 / p.norm())
-                    g = orthogonalize(g.reshape(len(g), -1)).view_as(p)
-                p.add_(g, alpha=-group["lr"])
-        return loss
+from ddp.dist import log, native_bf16
+from ddp.muon import Muon
 
 
 def whiten_bias(model: nn.Module) -> nn.Parameter | None:
@@ -147,9 +91,7 @@ AMP_CHOICES = ["auto", "none", "bf16", "fp16"]  # --amp of ddp.train and ddp.eva
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     """The --amp choice as an autocast dtype on this device, or None for float32."""
     if amp == "auto":
-        native_bf16 = (torch.cuda.is_bf16_supported() if device.type == "cuda"
-                       else torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-        amp = "bf16" if native_bf16 else "none"
+        amp = "bf16" if native_bf16(device) else "none"
     if amp == "fp16" and device.type != "cuda":
         log(f"--amp fp16 needs CUDA; training in float32 on {device.type} (bf16 works on CPUs)")
         amp = "none"

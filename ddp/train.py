@@ -147,7 +147,8 @@ def _train(args: argparse.Namespace, ctx: Context) -> dict[str, float]:
         f"({sum(p.numel() for p in model.parameters() if p.requires_grad):,} trained) | {args.dataset}: "
         f"{len(train_x)} train / {len(test_x)} test images | batch {args.batch_size} global = "
         f"{ctx.world_size} x {per_rank_batch} | {steps_per_epoch} steps/epoch | "
-        f"{'float32' if amp_dtype is None else str(amp_dtype).removeprefix('torch.') + ' autocast'}")
+        f"{'float32' if amp_dtype is None else str(amp_dtype).removeprefix('torch.') + ' autocast'}"
+        + (f" | Newton-Schulz in {str(optimizer.ns_dtype).removeprefix('torch.')}" if args.optimizer == "muon" else ""))
     if epoch >= args.epochs:
         log(f"nothing to do: the checkpoint has {epoch} epochs and --epochs is {args.epochs}")
 

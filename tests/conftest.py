@@ -16,6 +16,36 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
+# The CPU tests stay on the CPU on a machine with GPUs: CUDA is hidden from this process and from every
+# process the tests start (their --device auto would pick a GPU, and their assertions expect cpu).
+# tests/test_gpu.py opts back in with the `gpus_visible` fixture.
+VISIBLE_GPUS = os.environ.get("CUDA_VISIBLE_DEVICES")  # as the user set it; None: all of them
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+
+def gpu_env() -> dict[str, str]:
+    """os.environ with CUDA visible as it was before the tests hid it."""
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    return env if VISIBLE_GPUS is None else {**env, "CUDA_VISIBLE_DEVICES": VISIBLE_GPUS}
+
+
+def count_gpus() -> int:
+    """GPUs a child process would see with CUDA visible again (no NVIDIA device node: 0, without asking torch)."""
+    if not list(Path("/dev").glob("nvidia[0-9]*")):
+        return 0
+    probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.device_count())"],
+                           env=gpu_env(), capture_output=True, text=True, check=False, timeout=120)
+    return int(probe.stdout.strip() or 0) if probe.returncode == 0 else 0
+
+
+@pytest.fixture
+def gpus_visible(monkeypatch: pytest.MonkeyPatch) -> None:
+    """For this test, the processes it starts see the GPUs again."""
+    if VISIBLE_GPUS is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", VISIBLE_GPUS)
+
 
 def write_cifar_dir(root: Path, per_batch: int = 20, bytes_keys: bool = False, seed: int = 0,
                     dataset: str = "cifar10") -> Path:

@@ -13,11 +13,12 @@ import torch
 from test_fault_tolerance import assert_bitwise_equal, train
 from test_resume import SMALL
 
-from conftest import run_module
+from conftest import count_gpus, run_module
 from ddp import checkpoint
 
-GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
-pytestmark = pytest.mark.skipif(not GPUS, reason="needs CUDA (torch.cuda.is_available() is False)")
+GPUS = count_gpus()  # conftest hides CUDA from every other test; these see it again (gpus_visible)
+pytestmark = [pytest.mark.skipif(not GPUS, reason="needs CUDA (no GPU visible: torch.cuda.device_count() is 0)"),
+              pytest.mark.usefixtures("gpus_visible")]
 needs_2_gpus = pytest.mark.skipif(GPUS < 2, reason=f"needs 2 or more GPUs (this machine has {GPUS})")
 
 ONE_GPU = ["ddp.train", *SMALL, "--device", "cuda"]  # 1024 synthetic images, batch 128: 8 steps an epoch
@@ -39,7 +40,7 @@ def test_one_gpu_checkpoint_reloads_in_a_cpu_only_process(tmp_path):
     """Train on cuda:0 and save; evaluate and resume that file where CUDA is hidden."""
     gpu = train(tmp_path, "--epochs", "2", "--amp", "none", torchrun=ONE_GPU)  # float32: CPU can match it
     assert "world 1 x cuda (nccl)" in gpu.stdout and "float32" in gpu.stdout
-    ckpt = torch.load(tmp_path / "checkpoints" / "latest.pt", weights_only=True)
+    ckpt = torch.load(tmp_path / "checkpoints" / "latest.pt", weights_only=True, map_location="cpu")
     assert ckpt["env"] == {"world_size": 1, "device": "cuda", "torch": torch.__version__}
     assert ckpt["rng"]["cuda"]  # the GPU generators' states are saved too
     acc, loss = ckpt["metrics"]["acc"], ckpt["metrics"]["loss"]
@@ -57,7 +58,7 @@ def test_one_gpu_checkpoint_reloads_in_a_cpu_only_process(tmp_path):
     assert re.search(r"resumed from checkpoints/latest.pt: epoch 2, step 16, best acc [\d.]+% "
                      r"\(saved by 1 x cuda, now 1 x cpu\)", resumed.stdout), resumed.stdout
     assert "world 1 x cpu (gloo)" in resumed.stdout and "epoch 3/3" in resumed.stdout
-    after = torch.load(tmp_path / "checkpoints" / "latest.pt", weights_only=True)
+    after = torch.load(tmp_path / "checkpoints" / "latest.pt", weights_only=True, map_location="cpu")
     assert after["progress"]["step"] == 24 and after["env"]["device"] == "cpu"
 
 
@@ -67,7 +68,7 @@ def test_nccl_under_torchrun_then_reload_on_one_gpu(tmp_path):
     two = train(tmp_path, "--epochs", "2",
                 torchrun=["torchrun", "--standalone", "--nproc_per_node=2", "-m", *ONE_GPU])
     assert "world 2 x cuda (nccl)" in two.stdout and "batch 128 global = 2 x 64" in two.stdout
-    ckpt = torch.load(tmp_path / "checkpoints" / "latest.pt", weights_only=True)
+    ckpt = torch.load(tmp_path / "checkpoints" / "latest.pt", weights_only=True, map_location="cpu")
     assert ckpt["env"]["world_size"] == 2 and ckpt["env"]["device"] == "cuda"
     assert ckpt["progress"] == {"epoch": 2, "step": 16, "batch_in_epoch": 0}
 
@@ -84,7 +85,7 @@ def test_fp16_grad_scaler_state_is_saved_and_carried_on_resume(tmp_path):
     first = train(tmp_path, "--epochs", "1", torchrun=fp16)
     assert "float16 autocast" in first.stdout
     latest = tmp_path / "checkpoints" / "latest.pt"
-    saved = torch.load(latest, weights_only=True)
+    saved = torch.load(latest, weights_only=True, map_location="cpu")
     assert saved["config"]["amp"] == "fp16"
     assert saved["scaler"]["growth_interval"] == 2000 and 0 < saved["scaler"]["scale"] <= 2.0 ** 16
 
@@ -95,7 +96,7 @@ def test_fp16_grad_scaler_state_is_saved_and_carried_on_resume(tmp_path):
     resumed = train(tmp_path, "--epochs", "2", "--resume", "auto", torchrun=fp16)
     assert "resumed from checkpoints/latest.pt: epoch 1, step 8" in resumed.stdout
     assert "float16 autocast" in resumed.stdout and "epoch 2/2" in resumed.stdout
-    after = torch.load(latest, weights_only=True)
+    after = torch.load(latest, weights_only=True, map_location="cpu")
     assert after["progress"] == {"epoch": 2, "step": 16, "batch_in_epoch": 0}
     assert after["scaler"]["growth_interval"] == 1000  # carried over
     assert 0 < after["scaler"]["scale"] <= 128  # no growth within 1000 steps: it only backs off from 128

@@ -60,11 +60,33 @@ def test_scripts_are_shellcheck_clean():
     if shutil.which("shellcheck") is None:
         unavailable("shellcheck is not installed (apt-get install shellcheck; .ci/run does)")
     scripts = sorted(str(p.relative_to(REPO)) for p in [*REPO.glob("launch/**/*.sh"), *REPO.glob("launch/**/*.sbatch"),
-                                                        REPO / ".ci" / "run"])
-    assert {"launch/torchrun.sh", "launch/torchrun_multinode.sh", "launch/slurm/train.sbatch",
+                                                        *REPO.glob("benchmarks/*.sh"), REPO / ".ci" / "run"])
+    assert {"benchmarks/gpu_check.sh", "launch/torchrun.sh", "launch/torchrun_multinode.sh", "launch/slurm/train.sbatch",
             "launch/slurm/train_cpu.sbatch", "launch/slurm/train_multinode.sbatch"} <= set(scripts), scripts
     result = subprocess.run(["shellcheck", *scripts], check=False, cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_gpu_check_dry_run_prints_commands_whose_flags_exist_and_refuses_without_a_gpu(tmp_path):
+    """benchmarks/gpu_check.sh cannot run here (no GPU): its DRY_RUN prints each command, and the trainer's
+    flags in them parse; a real run where no GPU is visible stops at once with one line."""
+    from ddp import config
+
+    script = str(REPO / "benchmarks" / "gpu_check.sh")
+    env = script_env(DRY_RUN="1", GPUS="4", AIRBENCH_DIR="/x/cifar10-airbench", OUT=str(tmp_path / "out"))
+    dry = subprocess.run([script], check=False, env=env, capture_output=True, text=True, timeout=60)
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    trains = [line.split(" -m ddp.train ")[1].split() for line in dry.stdout.splitlines() if " -m ddp.train " in line]
+    assert len(trains) == 2 and "--nproc_per_node=1 " in dry.stdout and "--nproc_per_node=4 " in dry.stdout
+    for flags in trains:
+        args = config.parse_args(flags)
+        assert (args.dataset, args.synthetic_size, args.epochs, args.device) == ("synthetic", 50000, 8, "cuda")
+    assert "--script /x/cifar10-airbench/airbench94_muon.py" in dry.stdout and "hiverge" not in dry.stdout
+    assert "| ours, 4 GPU(s), 8 epochs | - | dry run |" in dry.stdout
+    real = subprocess.run([script], check=False, env={**env, "DRY_RUN": "0", "GPUS": "0"}, capture_output=True,
+                          text=True, timeout=60)
+    assert real.returncode == 1 and real.stderr.strip() == (
+        "gpu_check.sh: no GPU visible (torch.cuda.device_count() is 0); DRY_RUN=1 prints the commands")
 
 
 # --------------------------------------------------------------------------- torchrun scripts

@@ -4,19 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from torch import nn
 
 from ddp import config, models
 from ddp.checkpoint import load_checkpoint, make_checkpoint, restore_checkpoint, save_checkpoint
-from ddp.optim import (
-    Lookahead,
-    Muon,
-    autocast_dtype,
-    build_optimizer,
-    build_scheduler,
-    freeze_whiten_bias,
-    orthogonalize,
-)
+from ddp.dist import native_bf16
+from ddp.muon import BATCH_NUMEL, Muon, ns_dtype_for, orthogonalize, shard_plan
+from ddp.optim import Lookahead, autocast_dtype, build_optimizer, build_scheduler, freeze_whiten_bias
 
 
 def groups_by_name(optimizer: torch.optim.Optimizer) -> dict[str, dict]:
@@ -49,11 +45,12 @@ def test_optimizer_trains_unfrozen_parameters_once_in_named_groups(optimizer):
     assert not frozen & set(trained) and len(trained) == len(list(model.parameters())) - len(frozen)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("shape", [(64, 216), (300, 40)])
-def test_orthogonalize_brings_every_singular_value_near_one(shape):
+def test_orthogonalize_brings_every_singular_value_near_one(shape, dtype):
     g = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * torch.logspace(0, -1, shape[1]) * 1e-3
     assert torch.linalg.svdvals(g)[0] / torch.linalg.svdvals(g)[-1] > 5  # a spread of scales in, ...
-    u = orthogonalize(g)
+    u = orthogonalize(g, dtype)
     assert u.shape == g.shape and u.dtype == g.dtype
     s = torch.linalg.svdvals(u)
     assert 0.5 < s.min() and s.max() < 1.5, s  # ... all near 1 out (3 quintic steps: not exactly 1)
@@ -103,6 +100,88 @@ def test_muon_state_resumes_bitwise_through_a_checkpoint_file(tmp_path):
     steps(resumed, resumed_optimizer, 3, 6)
     assert model[0].weight.isfinite().all() and not torch.equal(model[0].weight, build()[0][0].weight)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), resumed.state_dict().values()))
+
+
+FASTNET_BANKS = [(64, 216), (64, 576), (256, 576), (256, 2304), (256, 2304), (256, 2304)]
+
+
+def test_newton_schulz_runs_in_bf16_only_where_the_hardware_computes_it_natively():
+    cpu = torch.device("cpu")
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert native_bf16(cpu) == native and ns_dtype_for(cpu) is (torch.bfloat16 if native else torch.float32)
+    assert ns_dtype_for(cpu) is (autocast_dtype("auto", cpu) or torch.float32)  # one rule for both
+    model = models.build("fastnet_small")
+    assert build_optimizer(model, config.parse_args([])).ns_dtype is ns_dtype_for(cpu)
+    explicit = Muon([nn.Parameter(torch.zeros(2, 2))], lr=0.1, momentum=0.5, ns_dtype=torch.float32)
+    assert explicit.ns_dtype is torch.float32
+
+
+def test_shard_plan_batches_small_banks_of_a_shape_and_balances_ranks_independently_of_the_world_size():
+    shapes = [(64, 576)] * 5 + [(128, 1152)] * 4 + FASTNET_BANKS
+    units = {w: sorted(unit for _, unit in shard_plan(shapes, w)) for w in (1, 2, 3)}
+    assert units[1] == units[2] == units[3]  # the same batches whichever rank computes them
+    assert sorted(i for unit in units[1] for i in unit) == list(range(len(shapes)))
+    assert [0, 1, 2, 3, 4, 10] in units[1] and [5, 6, 7] in units[1] and [8] in units[1]  # batched up to BATCH_NUMEL
+    assert [12] in units[1] and [13] in units[1]  # a big bank alone
+    assert all(len(u) * shapes[u[0]][0] * shapes[u[0]][1] <= BATCH_NUMEL or len(u) == 1 for u in units[1])
+    assert [[i] for i in range(len(shapes))] == sorted(unit for _, unit in shard_plan(shapes, 1, batched=False))
+    for world in (2, 3):
+        def cost(i):
+            m, n = sorted(shapes[i])
+            return 2 * m * m * n + m ** 3
+        load = [sum(cost(i) for owner, unit in shard_plan(shapes, world) if owner == r for i in unit)
+                for r in range(world)]
+        assert min(load) > 0 and max(load) < 0.7 * sum(load), load
+    fastnet = [sum(1 for owner, unit in shard_plan(FASTNET_BANKS, 2) if owner == r for _ in unit) for r in (0, 1)]
+    assert fastnet == [2, 4]  # two big banks on rank 0; the third big one and the three small ones on rank 1
+
+
+def muon_steps(shapes, ns_dtype, batched=True, steps=3):
+    """Filter banks (out, in, 3, 3) after `steps` Muon steps with gradients that depend only on the step."""
+    params = [nn.Parameter(torch.randn(m, n // 9, 3, 3, generator=torch.Generator().manual_seed(i)))
+              for i, (m, n) in enumerate(shapes)]
+    optimizer = Muon([{"params": params, "orthogonalize": True}], lr=0.1, momentum=0.6, ns_dtype=ns_dtype,
+                     batched=batched)
+    for step in range(steps):
+        for i, p in enumerate(params):
+            p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(100 * step + i))
+        optimizer.step()
+    return [p.detach() for p in params]
+
+
+BANKS = [(64, 216), (64, 576), (64, 576), (64, 576), (128, 576), (128, 1152), (32, 288)]
+
+
+@pytest.mark.parametrize("ns_dtype", [torch.bfloat16, torch.float32])
+def test_batched_newton_schulz_matches_one_bank_at_a_time(ns_dtype):
+    batched, alone = muon_steps(BANKS, ns_dtype), muon_steps(BANKS, ns_dtype, batched=False)
+    tol = 2e-2 if ns_dtype is torch.bfloat16 else 1e-4
+    assert all(torch.allclose(a, b, atol=tol) for a, b in zip(batched, alone))
+    assert not torch.equal(batched[0], muon_steps(BANKS, ns_dtype, steps=2)[0])  # the steps did move it
+
+
+def sharded_worker(rank: int, store: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        torch.save({str(d): muon_steps(BANKS, d) for d in (torch.bfloat16, torch.float32)}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_muon_gives_every_rank_the_bits_of_the_single_process_step(tmp_path):
+    mp.spawn(sharded_worker, args=(str(tmp_path / "store"), str(tmp_path / "params")), nprocs=2)
+    ranks = [torch.load(tmp_path / f"params.{r}") for r in (0, 1)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for d in (torch.bfloat16, torch.float32):
+            alone = muon_steps(BANKS, d)  # no process group: unsharded
+            assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(alone, ranks[0][str(d)],
+                                                                                  ranks[1][str(d)])), d
+    finally:
+        torch.set_num_threads(threads)
+    assert {owner for owner, _ in shard_plan(BANKS, 2)} == {0, 1}  # both ranks did a share of the work
 
 
 def test_schedule_warms_up_from_a_fifth_then_decays_to_zero():
