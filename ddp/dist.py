@@ -100,10 +100,15 @@ class PeerFailedError(RuntimeError):
 def log(message: str, *, every_rank: bool = False) -> None:
     """Print on global rank 0; with every_rank, other ranks print too, prefixed with their rank."""
     rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
-    if rank == 0:
-        print(message, flush=True)
-    elif every_rank:
-        print(f"[rank {rank}] {message}", file=sys.stderr, flush=True)
+    try:
+        if rank == 0:
+            print(message, flush=True)
+        elif every_rank:
+            print(f"[rank {rank}] {message}", file=sys.stderr, flush=True)
+    except BrokenPipeError:  # the reader died (a killed launcher's `| tee`): train and save on, unheard
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        for stream in (sys.stdout, sys.stderr):
+            os.dup2(devnull, stream.fileno())  # (Python's own advice: the buffered bytes go nowhere)
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
@@ -161,12 +166,21 @@ class StopSignals:
     loop calls `agree()` at step boundaries, where all ranks learn whether any rank was signalled.
     The handlers stay for the life of the process, so that a second signal during the final save or
     the teardown cannot kill a rank halfway; `ignore()` keeps it so while Python shuts down.
+
+    A worker of torchrun whose agent died (kill -9, an OOM kill of the agent's process group) is an
+    orphan: torchrun starts it in a session of its own, so nothing else would ever stop it, and its
+    rank 0 would keep the checkpoint directory locked. `agree()` counts that as a stop request too:
+    the parent's pid no longer being the one at start is one cheap system call per check.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    ORPHANED = 1000  # above every signal number: agree() reports it as LAUNCHER_GONE
+    LAUNCHER_GONE = "torchrun is gone"
 
     def __init__(self) -> None:
         self.received = 0
+        # Only under torchrun: a lone `nohup python -m ddp.train &` may outlive its shell on purpose.
+        self.parent = os.getppid() if "TORCHELASTIC_RESTART_COUNT" in os.environ else None
         for s in self.SIGNALS:
             signal.signal(s, self._handle)
 
@@ -180,7 +194,14 @@ class StopSignals:
         for s in cls.SIGNALS:
             signal.signal(s, signal.SIG_IGN)
 
+    def orphaned(self) -> bool:
+        """This worker's launcher died: its parent is no longer the torchrun agent that started it."""
+        return self.parent is not None and os.getppid() != self.parent
+
     def agree(self, device: torch.device) -> str | None:
-        """On every rank: the name of a signal that any rank received, or None (one collective)."""
-        signum = max_over_ranks(self.received, device)
-        return signal.Signals(signum).name if signum else None
+        """On every rank: why to stop (the name of a signal any rank received, or LAUNCHER_GONE where
+        any rank's torchrun died), or None (one collective)."""
+        reason = max_over_ranks(self.ORPHANED if self.orphaned() else self.received, device)
+        if reason == self.ORPHANED:
+            return self.LAUNCHER_GONE
+        return signal.Signals(reason).name if reason else None
