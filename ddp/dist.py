@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import re
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -56,16 +57,20 @@ def resolve_backend(flag: str, device: torch.device) -> str:
 def rendezvous_store(rank: int, world_size: int, timeout: timedelta) -> dist.Store:
     """The key-value store the ranks meet in: torchrun's (env://), or an in-memory one for a lone process.
 
-    After torchrun restarts failed workers, the store still holds the previous attempt's keys,
-    among them the old address of each rank's gloo/NCCL listener; a new rank that read one of
-    those before its peer overwrote it would connect to a dead port and hang. A prefix per
-    restart attempt keeps each attempt's keys apart.
+    Where torchrun's agent hosts it, the store outlives a restart of the workers and still holds
+    the previous attempt's keys, among them the old address of each rank's gloo/NCCL listener; a
+    new rank that read one of those before its peer overwrote it would connect to a dead port and
+    hang. A prefix per restart attempt keeps each attempt's keys apart. Where rank 0 hosts it
+    (launch/torchrun_multinode.sh sets TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1), every attempt has a
+    new store, and no prefix: the restart counts of the agents differ once a node has (re)joined.
     """
     if "MASTER_ADDR" not in os.environ:
         return dist.HashStore()
     agent_hosts_it = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # else rank 0 serves it
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
                           is_master=rank == 0 and not agent_hosts_it, timeout=timeout, multi_tenant=True)
+    if not agent_hosts_it:
+        return store
     return dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store)
 
 
@@ -91,6 +96,21 @@ def process_group(device: str = "auto", backend: str = "auto", timeout_min: floa
         # ("terminate called without an active exception"). Free them now, then the group.
         gc.collect()
         dist.destroy_process_group()
+
+
+LOST_PEER = re.compile(r"Connection (reset|closed) by peer|Broken pipe|Timed out waiting|timed out|wait timeout")
+
+
+def lost_peer(error: BaseException) -> str | None:
+    """The first line of a collective's error that says another rank vanished (its node died, its link is
+    down), else None: an event of a multi-node job that torchrun restarts from, not a bug to trace."""
+    if not isinstance(error, (dist.DistError, RuntimeError)):
+        return None
+    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    if not LOST_PEER.search(first) or not ("gloo" in first or "NCCL" in first or isinstance(error, dist.DistError)):
+        return None
+    first = re.sub(r"^\[[^\]]*\.(cc|cpp):\d+\] ", "", first)  # gloo's source location
+    return first.split(". This is typically")[0]  # gloo's generic advice
 
 
 class PeerFailedError(RuntimeError):

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -28,6 +29,7 @@ from ddp.dist import (
     StopSignals,
     all_reduce_sum,
     log,
+    lost_peer,
     process_group,
     run_and_agree,
     sync_buffers,
@@ -294,6 +296,12 @@ def main(argv: list[str] | None = None) -> None:
     except (checkpoint.CheckpointError, data.DataError, FileNotFoundError, PeerFailedError) as e:
         # Problems with the user's files: one line, no traceback. Anything else is a bug: traceback.
         log(f"error: {e}", every_rank=True)
+        sys.exit(1)
+    except (RuntimeError, dist.DistError) as e:
+        if (lost := lost_peer(e)) is None:
+            raise
+        log(f"error: lost another rank ({lost}): its node died or its network is down; torchrun restarts the "
+            "workers from the newest checkpoint where --max-restarts allows", every_rank=True)
         sys.exit(1)
 
 

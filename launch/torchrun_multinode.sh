@@ -83,6 +83,9 @@ if [[ -n ${NODE_RANK:-} ]]; then
   mode="static rendezvous, node rank $NODE_RANK"
 else
   export MAX_RESTARTS=${MAX_RESTARTS:-3}
+  # A node that joins a running job (a lost node back, NNODES=MIN:MAX) waits forever for the workers'
+  # store address when the agents share the rendezvous store (torch 2.14): each round gets its own.
+  export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
   export RDZV_ARGS="--nnodes=$NNODES --rdzv-backend=c10d --rdzv-endpoint=$MASTER_ADDR:$MASTER_PORT --rdzv-id=$RDZV_ID --rdzv-conf=is_host=$is_host${RDZV_CONF:+,$RDZV_CONF} --local-addr=$LOCAL_ADDR"
   mode="c10d rendezvous $RDZV_ID, up to $MAX_RESTARTS restarts"
 fi

@@ -61,14 +61,17 @@ def agent_env(**extra: str) -> dict[str, str]:
             "OMP_NUM_THREADS": "1", **extra}
 
 
-def wait_for(path: Path, pattern: str, timeout: float, agents: list[Agent]) -> re.Match:
+def wait_for(paths: Path | list[Path], pattern: str, timeout: float, agents: list[Agent]) -> re.Match:
+    """The first match of `pattern` in the files (read together), waiting for it at most `timeout` s."""
+    paths = paths if isinstance(paths, list) else [paths]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        found = re.search(pattern, path.read_text())
+        found = re.search(pattern, "".join(p.read_text() for p in paths))
         if found:
             return found
         time.sleep(0.2)
-    raise AssertionError(f"no {pattern!r} in {path.name} after {timeout} s:\n" + "\n".join(a.logs() for a in agents))
+    raise AssertionError(f"no {pattern!r} in {[p.name for p in paths]} after {timeout} s:\n"
+                         + "\n".join(a.logs() for a in agents))
 
 
 def test_two_hosts_train_as_one_world_with_the_rendezvous_on_host1(hosts, tmp_path):
@@ -102,3 +105,71 @@ def test_what_the_script_cannot_work_out_fails_at_start_with_one_line(hosts, tmp
     assert result.returncode == 2, result.stdout + result.stderr
     assert time.monotonic() - started < 10
     assert result.stderr.count("\n") == 1 and expected in result.stderr, result.stderr
+
+
+# Fast elastic settings for the tests: a node dead after 3 missed 1 s heartbeats; a round closes 2 s after its
+# minimum of nodes; an agent waits at most 30 s for a rendezvous (torchrun's defaults: 15 s, 30 s, 600 s).
+ELASTIC = {"NNODES": "1:2", "MAX_RESTARTS": "3",
+           "RDZV_CONF": "last_call_timeout=2,keep_alive_interval=1,keep_alive_max_attempt=3,join_timeout=30"}
+LOST = re.compile(r"error: lost another rank \((?P<why>[^)]*)\): its node died or its network is down")
+RESUMED = re.compile(r"resumed from checkpoints/latest.pt: epoch (?P<epoch>\d+), step (?P<step>\d+), .*"
+                     r"\(saved by (?P<before>\d) x cpu, now (?P<now>\d) x cpu\)")
+
+
+def rank0_output(agents: list[Agent], timeout: float) -> Path:
+    """The output file of the host where global rank 0 runs, once the world of 2 has formed."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for agent in agents:
+            if "world 2 x cpu" in agent.out.read_text():
+                return agent.out
+        time.sleep(0.1)
+    raise AssertionError("no world of 2 formed:\n" + "\n".join(a.logs() for a in agents))
+
+
+def test_a_node_lost_and_regained_shrinks_then_grows_the_job_from_the_newest_checkpoint(hosts, tmp_path):
+    """NNODES=1:2: every process on host2 SIGKILLed mid-epoch; host1 goes on alone from latest.pt at world size 1,
+    global batch 128 still; host2's agent started again joins at the next restart, and the job grows back to 2."""
+    env = agent_env(**ELASTIC)
+    args = [*TRAIN, "--epochs", "40", "--stop-at-step", "105", "--timeout-min", "0.5"]
+    agents = [Agent(hosts, h, tmp_path, env, args) for h in (1, 2)]
+    wait_for(rank0_output(agents, 90), r"\nepoch 1/40", 60, agents)
+    time.sleep(0.3)  # mid-epoch 2
+    hosts.kill_all(2)
+    killed = time.monotonic()
+    shrunk = wait_for(agents[0].out, r"resumed from .*now 1 x cpu\)", 60, agents)
+    detect_and_resume_s = time.monotonic() - killed
+    back = Agent(hosts, 2, tmp_path, env, args, tag="-back")
+    grown = wait_for(agents[0].out, r"resumed from .*now 2 x cpu\)", 90, [agents[0], back])
+    codes = [agents[0].wait(timeout=120), back.wait(timeout=30)]
+    out1 = agents[0].out.read_text()
+    logs = agents[0].logs() + back.logs()
+    assert codes == [0, 0], logs
+    assert len(LOST.findall(out1)) == 1, logs  # one line for the loss (host1's rank 0, or host1's rank 1 in stderr)
+    assert "batch 128 global = 1 x 128" in out1 and "batch 128 global = 2 x 64" in out1.split(grown.group(0))[1]
+    steps = [int(m["step"]) for m in RESUMED.finditer(out1)]
+    assert [m["before"] + m["now"] for m in RESUMED.finditer(out1)] == ["21", "12"], logs
+    assert steps[0] % 7 == 0 and steps[1] > steps[0], logs  # default cadence: the end of an epoch
+    assert "stopping at epoch 15, step 105 (--stop-at-step)" in out1, logs
+    print(f"node lost: resumed at world 1 from step {steps[0]} {detect_and_resume_s:.1f} s after the kill "
+          f"({shrunk.group(0)})")
+
+
+def test_a_cut_link_stops_every_rank_within_timeout_min_with_one_line(hosts, tmp_path):
+    """host2's cable cut, nothing killed: no error reaches either side, so each rank waits out --timeout-min in
+    its collective, then says so in one line; latest.pt, saved before, is intact."""
+    env = agent_env(**{**ELASTIC, "NNODES": "2", "MAX_RESTARTS": "0"})
+    agents = [Agent(hosts, h, tmp_path, env, [*TRAIN, "--epochs", "40", "--timeout-min", "0.1"]) for h in (1, 2)]
+    wait_for(rank0_output(agents, 90), r"\nepoch 1/40", 60, agents)
+    time.sleep(0.3)
+    saved = torch.load(tmp_path / "checkpoints" / "latest.pt", weights_only=True)["progress"]
+    hosts.link(2, up=False)
+    cut = time.monotonic()
+    for agent in agents:
+        wait_for([agent.out, agent.err], LOST.pattern, 6 + 30, agents)
+    stopped_s = time.monotonic() - cut
+    for agent in agents:
+        text = agent.out.read_text() + agent.err.read_text()
+        assert len(LOST.findall(text)) == 1 and "Timed out waiting 6000ms" in text, agent.logs()
+    assert torch.load(tmp_path / "checkpoints" / "latest.pt", weights_only=True)["progress"]["step"] >= saved["step"]
+    print(f"link cut: both ranks stopped {stopped_s:.1f} s after the cut (--timeout-min 0.1)")
