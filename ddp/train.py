@@ -48,6 +48,10 @@ RECIPE_FLAGS = ["dataset", "model", "epochs", "batch_size", "optimizer", "muon_l
                 "lookahead", "seed", "amp"]
 
 
+class LostPeerError(RuntimeError):
+    """A collective failed because another rank vanished; the message says where training was."""
+
+
 class Stopped(Exception):
     """Raised on every rank at once: for a signal (exit with PREEMPTED_EXIT_CODE) or --stop-at-step (return)."""
 
@@ -272,6 +276,10 @@ def _train(args: argparse.Namespace, ctx: Context) -> dict[str, float]:
     except Stopped as stop:
         if stop.signal_name:
             raise  # main() exits with PREEMPTED_EXIT_CODE
+    except (RuntimeError, dist.DistError) as e:
+        if (lost := lost_peer(e)) is None:
+            raise
+        raise LostPeerError(f"at {position(epoch, batch_in_epoch)}, step {step} ({lost})") from e  # what a restart redoes
     finally:
         try:  # leaving with an error: a write in flight still finishes; if it fails too, say so
             writer.wait()
@@ -297,10 +305,11 @@ def main(argv: list[str] | None = None) -> None:
         # Problems with the user's files: one line, no traceback. Anything else is a bug: traceback.
         log(f"error: {e}", every_rank=True)
         sys.exit(1)
-    except (RuntimeError, dist.DistError) as e:
-        if (lost := lost_peer(e)) is None:
-            raise
-        log(f"error: lost another rank ({lost}): its node died or its network is down; torchrun restarts the "
+    except (LostPeerError, RuntimeError, dist.DistError) as e:
+        where = str(e) if isinstance(e, LostPeerError) else lost_peer(e) and f"({lost_peer(e)})"
+        if not where:
+            raise  # not a lost peer: a bug, with its traceback
+        log(f"error: lost another rank {where}: its node died or its network is down; torchrun restarts the "
             "workers from the newest checkpoint where --max-restarts allows", every_rank=True)
         sys.exit(1)
 
