@@ -22,9 +22,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from test_multihost import ELASTIC, LOST, RESUMED, Agent, agent_env, rank0_output, wait_for
-
 import netns_hosts
+from test_multihost import ELASTIC, LOST, RESUMED, Agent, agent_env, rank0_output, wait_for
 
 TRAIN = ["--model", "fastnet_small", "--dataset", "synthetic", "--synthetic-size", "3584", "--batch-size", "128",
          "--epochs", "10", "--timeout-min", "0.5"]  # 28 steps per epoch

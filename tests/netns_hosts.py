@@ -7,8 +7,8 @@ Each host is a network namespace with its own loopback and one veth interface (e
 end sits on a bridge inside a namespace of its own, so the hosts reach each other and nothing else:
 no route leaves these namespaces, and nothing is connected to the machine's own network. Every
 command on a host runs in a UTS namespace with the host's name (hostN) and sees an /etc/hosts like
-Debian's: its own name at 127.0.1.1, the other hosts at their addresses (`ip netns exec` mounts
-/etc/netns/NS/hosts over /etc/hosts). The file system is shared, as NFS would be on a cluster.
+Debian's: its own name at 127.0.1.1, the other hosts at their addresses (/etc/netns/NS/hosts, bind-mounted
+over /etc/hosts as `ip netns exec` would). The file system is shared, as NFS would be on a cluster.
 
 `Hosts(...)` raises `Unavailable` with the reason where namespaces cannot be made (not root, no `ip`,
 EPERM); leaving the `with` block kills every process in the namespaces and deletes them, as does
@@ -122,9 +122,15 @@ class Hosts:
             (etc / "hosts").write_text(f"127.0.0.1\tlocalhost\n127.0.1.1\t{self.name(h)}\n{peers}")
 
     def command(self, host: int, cmd: list[str]) -> list[str]:
-        """`cmd` as run on `host`: in its network namespace, under its hostname, with its /etc/hosts."""
-        return ["ip", "netns", "exec", self.ns(host), "unshare", "--uts", "--", "sh", "-c",
-                'hostname "$0" && exec "$@"', self.name(host), *cmd]
+        """`cmd` as run on `host`: in its network namespace, under its hostname, with its /etc/hosts.
+
+        (Not `ip netns exec`, which also mounts a sysfs of its own over /sys, hiding the machine's
+        /sys/fs/cgroup from slurmd: a mount namespace of our own with the one bind mount instead.)
+        """
+        hosts_file = NETNS_ETC / self.ns(host) / "hosts"
+        return ["nsenter", f"--net=/run/netns/{self.ns(host)}", "unshare", "--uts", "--mount", "--", "sh", "-c",
+                'mount --bind "$1" /etc/hosts && hostname "$0" && shift && exec "$@"', self.name(host),
+                str(hosts_file), *cmd]
 
     def popen(self, host: int, cmd: list[str], **kwargs) -> subprocess.Popen:
         return subprocess.Popen(self.command(host, cmd), **kwargs)

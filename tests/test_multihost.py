@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import netns_hosts
+import slurm_multihost
 from conftest import REPO
 from test_launch import TRAIN, unavailable
 
@@ -113,7 +114,7 @@ ELASTIC = {"NNODES": "1:2", "MAX_RESTARTS": "3",
            "RDZV_CONF": "last_call_timeout=2,keep_alive_interval=1,keep_alive_max_attempt=3,join_timeout=30"}
 LOST = re.compile(r"error: lost another rank (at epoch \d+( \+ \d+ batches)?, step (?P<step>\d+) )?\((?P<why>[^)]*)\): "
                   r"its node died or its network is down")
-RESUMED = re.compile(r"resumed from checkpoints/latest.pt: epoch (?P<epoch>\d+), step (?P<step>\d+), .*"
+RESUMED = re.compile(r"resumed from checkpoints/latest.pt: epoch (?P<epoch>\d+)( \+ \d+ batches)?, step (?P<step>\d+), .*"
                      r"\(saved by (?P<before>\d) x cpu, now (?P<now>\d) x cpu\)")
 
 
@@ -178,3 +179,29 @@ def test_a_cut_link_stops_every_rank_within_timeout_min_with_one_line(hosts, tmp
         assert len(LOST.findall(text)) == 1 and "Timed out waiting 6000ms" in text, agent.logs()
     assert torch.load(tmp_path / "checkpoints" / "latest.pt", weights_only=True)["progress"]["step"] >= saved["step"]
     print(f"link cut: both ranks stopped {stopped_s:.1f} s after the cut (--timeout-min 0.1)")
+
+
+def test_train_multinode_sbatch_on_a_slurm_cluster_of_two_hosts(hosts, tmp_path):
+    """slurmctld and a slurmd on host1, a slurmd on host2: the job file's batch shell runs on host1, puts the
+    rendezvous at host1's address toward host2 (its own name resolves to 127.0.1.1 there), and srun's two
+    agents train one world of 2, with one writer."""
+    try:
+        cluster = slurm_multihost.start(hosts)
+    except slurm_multihost.Unavailable as e:
+        unavailable(f"no SLURM cluster of netns hosts: {e}")
+    try:
+        job_id = cluster.sbatch("--gres=none", str(REPO / "launch/slurm/train_multinode.sbatch"), *TRAIN,
+                                "--epochs", "1", "--timeout-min", "1", cwd=tmp_path,
+                                env={"REPO": str(REPO), "PYTHON": sys.executable, "NPROC": "1", "OMP_NUM_THREADS": "1"})
+        info = cluster.wait(job_id, timeout=150)
+        output = tmp_path / f"ddp-cifar-multinode-{job_id}.out"
+        text = output.read_text() if output.exists() else "(no output file)"
+        assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", text + cluster.logs()
+        assert f"job {job_id} (restart 0) on host[1-2]" in text, text
+        assert "host1 hosts the rendezvous, at 10.99.0.1, gloo on eth0" in text, text
+        assert "host2 joins the rendezvous, at 10.99.0.2, gloo on eth0" in text, text
+        assert text.count("world 2 x cpu (gloo)") == 1 and text.count("epoch 1/1") == 1, text
+        ckpt_dir = tmp_path / "checkpoints" / f"ddp-cifar-multinode-{job_id}"
+        assert torch.load(ckpt_dir / "latest.pt", weights_only=True)["env"]["world_size"] == 2
+    finally:
+        cluster.stop()

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
-from test_launch import TRAIN, STOPPED, free_port, resumed_line
+from test_launch import STOPPED, TRAIN, free_port, resumed_line
 
 ORPHAN_STOP = re.compile(STOPPED.pattern.replace(r"\(SIGTERM\)", r"\(torchrun is gone\)"))
 
