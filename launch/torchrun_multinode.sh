@@ -86,9 +86,15 @@ else
   # A node that joins a running job (a lost node back, NNODES=MIN:MAX) waits forever for the workers'
   # store address when the agents share the rendezvous store (torch 2.14): each round gets its own.
   export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
-  export RDZV_ARGS="--nnodes=$NNODES --rdzv-backend=c10d --rdzv-endpoint=$MASTER_ADDR:$MASTER_PORT --rdzv-id=$RDZV_ID --rdzv-conf=is_host=$is_host${RDZV_CONF:+,$RDZV_CONF} --local-addr=$LOCAL_ADDR"
+  rdzv_conf="is_host=$is_host${RDZV_CONF:+,$RDZV_CONF}"
+  if [[ $master_ip == 127.* || $master_ip == ::1 ]]; then
+    # Every agent on this one machine: torchrun's own guess lets the first host the store, the others join.
+    rdzv_conf=${RDZV_CONF:-}
+  fi
+  export RDZV_ARGS="--nnodes=$NNODES --rdzv-backend=c10d --rdzv-endpoint=$MASTER_ADDR:$MASTER_PORT --rdzv-id=$RDZV_ID${rdzv_conf:+ --rdzv-conf=$rdzv_conf} --local-addr=$LOCAL_ADDR"
   mode="c10d rendezvous $RDZV_ID, up to $MAX_RESTARTS restarts"
 fi
 store=$( ((is_host)) && echo "hosts the rendezvous" || echo "joins the rendezvous")
+[[ $master_ip == 127.* || $master_ip == ::1 ]] && store="meets the other agents on this machine"
 echo "launch/torchrun_multinode.sh: $NNODES nodes via $MASTER_ADDR:$MASTER_PORT ($mode); $(hostname) $store, at $LOCAL_ADDR, gloo on $GLOO_SOCKET_IFNAME" >&2
 exec "$(dirname "${BASH_SOURCE[0]}")/torchrun.sh" "$@"

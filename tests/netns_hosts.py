@@ -77,6 +77,8 @@ class Hosts:
             raise Unavailable("network namespaces need root")
         if shutil.which("ip") is None:
             raise Unavailable("`ip` is not installed (apt-get install iproute2; .ci/run does)")
+        if shutil.which("nsenter") is None or shutil.which("unshare") is None:
+            raise Unavailable("`nsenter` or `unshare` is missing (apt-get install util-linux)")
         self.count = count
         self.tag = f"{PREFIX}{os.getpid()}"
         self.bridge_ns = f"{self.tag}-br"
