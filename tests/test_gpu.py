@@ -10,11 +10,11 @@ import re
 
 import pytest
 import torch
-from test_fault_tolerance import assert_bitwise_equal, train
 from test_resume import SMALL
 
 from conftest import run_module
 from ddp import checkpoint
+from test_fault_tolerance import assert_bitwise_equal, train
 
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
 pytestmark = pytest.mark.skipif(not GPUS, reason="needs CUDA (torch.cuda.is_available() is False)")

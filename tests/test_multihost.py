@@ -19,7 +19,8 @@ import torch
 
 import netns_hosts
 import slurm_multihost
-from conftest import REPO
+from conftest import REPO, run_module
+from test_fault_tolerance import assert_bitwise_equal
 from test_launch import TRAIN, unavailable
 
 SCRIPT = str(REPO / "launch" / "torchrun_multinode.sh")
@@ -159,6 +160,24 @@ def test_a_node_lost_and_regained_shrinks_then_grows_the_job_from_the_newest_che
     assert resumed_at % 7 == 0 and resumed_at <= lost_at < resumed_at + 7, logs  # default cadence: each epoch's end
     print(f"node lost at step {lost_at}: resumed at world 1 from step {resumed_at} ({lost_at - resumed_at} steps "
           f"redone) {detect_and_resume_s:.1f} s after the kill; grown back from step {grown['step']}")
+    if os.environ.get(EXACT_ENV) == "1":  # 3 more runs, ~1 minute here
+        assert_same_as_uninterrupted(tmp_path, args, [(2, resumed_at), (1, int(grown["step"])), (2, 105)])
+
+
+EXACT_ENV = "DDP_CIFAR_EXACT_NODE_LOSS"  # =1: also compare the node-loss run's weights with a run without the loss
+
+
+def assert_same_as_uninterrupted(tmp_path: Path, args: list[str], segments: list[tuple[int, int]]) -> None:
+    """The weights equal those of plain torchrun runs at the same world sizes, each to the step where the run
+    with the node loss changed size (what it did between its last save and the loss is redone, so it is not
+    a segment): bitwise, since 2 ranks' sums of gradients do not depend on their order."""
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    for nproc, stop in segments:
+        result = run_module(["torchrun", "--standalone", f"--nproc-per-node={nproc}", "-m", "ddp.train", *args,
+                             "--stop-at-step", str(stop)], cwd=reference, timeout=180)
+        assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    assert_bitwise_equal(tmp_path / "checkpoints" / "latest.pt", reference / "checkpoints" / "latest.pt")
 
 
 def test_a_cut_link_stops_every_rank_within_timeout_min_with_one_line(hosts, tmp_path):
