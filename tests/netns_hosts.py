@@ -30,7 +30,11 @@ NETNS_ETC = Path("/etc/netns")
 
 
 class Unavailable(RuntimeError):
-    """Network namespaces cannot be made here; the message says why."""
+    """Network namespaces are not permitted here (not root, EPERM); the message says why."""
+
+
+class NotInstalled(Unavailable):
+    """A program the hosts need is missing: .ci/run installs it."""
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -76,9 +80,9 @@ class Hosts:
         if os.geteuid() != 0:
             raise Unavailable("network namespaces need root")
         if shutil.which("ip") is None:
-            raise Unavailable("`ip` is not installed (apt-get install iproute2; .ci/run does)")
+            raise NotInstalled("`ip` is not installed (apt-get install iproute2; .ci/run does)")
         if shutil.which("nsenter") is None or shutil.which("unshare") is None:
-            raise Unavailable("`nsenter` or `unshare` is missing (apt-get install util-linux)")
+            raise NotInstalled("`nsenter` or `unshare` is missing (apt-get install util-linux)")
         self.count = count
         self.tag = f"{PREFIX}{os.getpid()}"
         self.bridge_ns = f"{self.tag}-br"
