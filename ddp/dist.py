@@ -113,6 +113,10 @@ def lost_peer(error: BaseException) -> str | None:
     return first.split(". This is typically")[0]  # gloo's generic advice
 
 
+class LostPeerError(RuntimeError):
+    """A collective failed because another rank vanished; the message says where training was."""
+
+
 class PeerFailedError(RuntimeError):
     """Another rank failed at a point where all ranks agree on success; its own error says why."""
 

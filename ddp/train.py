@@ -25,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from ddp import checkpoint, config, data, models
 from ddp.dist import (
     Context,
+    LostPeerError,
     PeerFailedError,
     StopSignals,
     all_reduce_sum,
@@ -46,10 +47,6 @@ STOP_CHECK_EVERY = 10  # steps between checks for a stop signal: each check is a
 RECIPE_FLAGS = ["dataset", "model", "epochs", "batch_size", "optimizer", "muon_lr", "muon_momentum", "lr", "momentum",
                 "weight_decay", "bn_bias_lr_scale", "label_smoothing", "warmup_epochs", "whiten_bias_epochs",
                 "lookahead", "seed", "amp"]
-
-
-class LostPeerError(RuntimeError):
-    """A collective failed because another rank vanished; the message says where training was."""
 
 
 class Stopped(Exception):
