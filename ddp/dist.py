@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import re
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -68,16 +69,20 @@ def resolve_backend(flag: str, device: torch.device) -> str:
 def rendezvous_store(rank: int, world_size: int, timeout: timedelta) -> dist.Store:
     """The key-value store the ranks meet in: torchrun's (env://), or an in-memory one for a lone process.
 
-    After torchrun restarts failed workers, the store still holds the previous attempt's keys,
-    among them the old address of each rank's gloo/NCCL listener; a new rank that read one of
-    those before its peer overwrote it would connect to a dead port and hang. A prefix per
-    restart attempt keeps each attempt's keys apart.
+    Where torchrun's agent hosts it, the store outlives a restart of the workers and still holds
+    the previous attempt's keys, among them the old address of each rank's gloo/NCCL listener; a
+    new rank that read one of those before its peer overwrote it would connect to a dead port and
+    hang. A prefix per restart attempt keeps each attempt's keys apart. Where rank 0 hosts it
+    (launch/torchrun_multinode.sh sets TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1), every attempt has a
+    new store, and no prefix: the restart counts of the agents differ once a node has (re)joined.
     """
     if "MASTER_ADDR" not in os.environ:
         return dist.HashStore()
     agent_hosts_it = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # else rank 0 serves it
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
                           is_master=rank == 0 and not agent_hosts_it, timeout=timeout, multi_tenant=True)
+    if not agent_hosts_it:
+        return store
     return dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store)
 
 
@@ -105,6 +110,25 @@ def process_group(device: str = "auto", backend: str = "auto", timeout_min: floa
         dist.destroy_process_group()
 
 
+LOST_PEER = re.compile(r"Connection (reset|closed) by peer|Broken pipe|Timed out waiting|timed out|wait timeout")
+
+
+def lost_peer(error: BaseException) -> str | None:
+    """The first line of a collective's error that says another rank vanished (its node died, its link is
+    down), else None: an event of a multi-node job that torchrun restarts from, not a bug to trace."""
+    if not isinstance(error, (dist.DistError, RuntimeError)):
+        return None
+    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    if not LOST_PEER.search(first) or not ("gloo" in first or "NCCL" in first or isinstance(error, dist.DistError)):
+        return None
+    first = re.sub(r"^\[[^\]]*\.(cc|cpp):\d+\] ", "", first)  # gloo's source location
+    return first.split(". This is typically")[0]  # gloo's generic advice
+
+
+class LostPeerError(RuntimeError):
+    """A collective failed because another rank vanished; the message says where training was."""
+
+
 class PeerFailedError(RuntimeError):
     """Another rank failed at a point where all ranks agree on success; its own error says why."""
 
@@ -116,10 +140,15 @@ def log(message: str, *, every_rank: bool = False) -> None:
     """
     message = "\n".join(printable(line) for line in str(message).split("\n"))
     rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
-    if rank == 0:
-        print(message, flush=True)
-    elif every_rank:
-        print(f"[rank {rank}] {message}", file=sys.stderr, flush=True)
+    try:
+        if rank == 0:
+            print(message, flush=True)
+        elif every_rank:
+            print(f"[rank {rank}] {message}", file=sys.stderr, flush=True)
+    except BrokenPipeError:  # the reader died (a killed launcher's `| tee`): train and save on, unheard
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        for stream in (sys.stdout, sys.stderr):
+            os.dup2(devnull, stream.fileno())  # (Python's own advice: the buffered bytes go nowhere)
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
@@ -177,12 +206,21 @@ class StopSignals:
     loop calls `agree()` at step boundaries, where all ranks learn whether any rank was signalled.
     The handlers stay for the life of the process, so that a second signal during the final save or
     the teardown cannot kill a rank halfway; `ignore()` keeps it so while Python shuts down.
+
+    A worker of torchrun whose agent died (kill -9, an OOM kill of the agent's process group) is an
+    orphan: torchrun starts it in a session of its own, so nothing else would ever stop it, and its
+    rank 0 would keep the checkpoint directory locked. `agree()` counts that as a stop request too:
+    the parent's pid no longer being the one at start is one cheap system call per check.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    ORPHANED = 1000  # above every signal number: agree() reports it as LAUNCHER_GONE
+    LAUNCHER_GONE = "torchrun is gone"
 
     def __init__(self) -> None:
         self.received = 0
+        # Only under torchrun: a lone `nohup python -m ddp.train &` may outlive its shell on purpose.
+        self.parent = os.getppid() if "TORCHELASTIC_RESTART_COUNT" in os.environ else None
         for s in self.SIGNALS:
             signal.signal(s, self._handle)
 
@@ -196,7 +234,14 @@ class StopSignals:
         for s in cls.SIGNALS:
             signal.signal(s, signal.SIG_IGN)
 
+    def orphaned(self) -> bool:
+        """This worker's launcher died: its parent is no longer the torchrun agent that started it."""
+        return self.parent is not None and os.getppid() != self.parent
+
     def agree(self, device: torch.device) -> str | None:
-        """On every rank: the name of a signal that any rank received, or None (one collective)."""
-        signum = max_over_ranks(self.received, device)
-        return signal.Signals(signum).name if signum else None
+        """On every rank: why to stop (the name of a signal any rank received, or LAUNCHER_GONE where
+        any rank's torchrun died), or None (one collective)."""
+        reason = max_over_ranks(self.ORPHANED if self.orphaned() else self.received, device)
+        if reason == self.ORPHANED:
+            return self.LAUNCHER_GONE
+        return signal.Signals(reason).name if reason else None

@@ -18,16 +18,19 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ddp import checkpoint, config, data, models, versions
 from ddp.dist import (
     Context,
+    LostPeerError,
     PeerFailedError,
     StopSignals,
     all_reduce_sum,
     log,
+    lost_peer,
     process_group,
     run_and_agree,
     sync_buffers,
@@ -271,6 +274,10 @@ def _train(args: argparse.Namespace, ctx: Context) -> dict[str, float]:
     except Stopped as stop:
         if stop.signal_name:
             raise  # main() exits with PREEMPTED_EXIT_CODE
+    except (RuntimeError, dist.DistError) as e:
+        if (lost := lost_peer(e)) is None:
+            raise
+        raise LostPeerError(f"at {position(epoch, batch_in_epoch)}, step {step} ({lost})") from e  # what a restart redoes
     finally:
         try:  # leaving with an error: a write in flight still finishes; if it fails too, say so
             writer.wait()
@@ -296,6 +303,13 @@ def main(argv: list[str] | None = None) -> None:
     except (checkpoint.CheckpointError, data.DataError, FileNotFoundError, PeerFailedError) as e:
         # Problems with the user's files: one line, no traceback. Anything else is a bug: traceback.
         log(f"error: {e}", every_rank=True)
+        sys.exit(1)
+    except (LostPeerError, RuntimeError, dist.DistError) as e:
+        where = str(e) if isinstance(e, LostPeerError) else lost_peer(e) and f"({lost_peer(e)})"
+        if not where:
+            raise  # not a lost peer: a bug, with its traceback
+        log(f"error: lost another rank {where}: its node died or its network is down; torchrun restarts the "
+            "workers from the newest checkpoint where --max-restarts allows", every_rank=True)
         sys.exit(1)
 
 

@@ -10,11 +10,11 @@ import re
 
 import pytest
 import torch
-from test_fault_tolerance import assert_bitwise_equal, train
 from test_resume import SMALL
 
 from conftest import count_gpus, run_module
 from ddp import checkpoint
+from test_fault_tolerance import assert_bitwise_equal, train
 
 GPUS = count_gpus()  # conftest hides CUDA from every other test; these see it again (gpus_visible)
 pytestmark = [pytest.mark.skipif(not GPUS, reason="needs CUDA (no GPU visible: torch.cuda.device_count() is 0)"),
