@@ -270,6 +270,18 @@ class InertUnpickler(pickle._Unpickler):  # the pure-Python unpickler: each opco
             base(self)
         return load
 
+    # -- filling containers: only the kind each opcode is for (a tensor's __setitem__ would write into its
+    # data, an object's append or add would call whatever that method is)
+    def _fill_op(name: str, kind: type, where: int) -> Any:
+        base = pickle._Unpickler.dispatch[_opcode(name)]
+
+        def load(self: InertUnpickler) -> None:
+            target = self.stack[where] if where else self.metastack[-1][-1] if self.metastack else None
+            if not isinstance(target, (kind, StandIn)):
+                raise pickle.UnpicklingError(f"{name} on a {type(target).__name__}; pickles fill only a {kind.__name__}")
+            base(self)
+        return load
+
     def _tuple_op(name: str) -> Any:
         base = pickle._Unpickler.dispatch[_opcode(name)]
 
@@ -282,13 +294,17 @@ class InertUnpickler(pickle._Unpickler):  # the pure-Python unpickler: each opco
         dispatch[_opcode(_name)] = _tuple_op(_name)
     for _name in ("MARK", "EMPTY_DICT", "EMPTY_LIST", "EMPTY_SET", "EMPTY_TUPLE"):
         dispatch[_opcode(_name)] = _room_op(_name)
+    # (opcode, what it fills, where that is: on the stack under its operands, or 0: just below the MARK)
+    for _name, _kind, _where in (("SETITEM", dict, -3), ("APPEND", list, -2), ("SETITEMS", dict, 0),
+                                 ("APPENDS", list, 0), ("ADDITEMS", set, 0)):
+        dispatch[_opcode(_name)] = _fill_op(_name, _kind, _where)
     dispatch[_opcode("REDUCE")] = load_reduce
     dispatch[_opcode("NEWOBJ")] = load_newobj
     dispatch[_opcode("NEWOBJ_EX")] = load_newobj_ex
     dispatch[_opcode("INST")] = load_inst
     dispatch[_opcode("OBJ")] = load_obj
     dispatch[_opcode("BUILD")] = load_build
-    del _name, _tuple_op, _room_op
+    del _name, _kind, _where, _tuple_op, _room_op, _fill_op
 
 
 CONTAINERS = (dict, list, tuple, set, frozenset, StandIn, *BUILDABLE)
