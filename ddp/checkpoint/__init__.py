@@ -10,6 +10,7 @@ write is readable with torch.load(weights_only=True): tensors and plain Python t
     lock.py    one run per checkpoint directory: rank 0's lock on DIR/.lock, stale temp files removed
     files.py   atomic save, with one-line errors
     unpickle.py  the inert unpickler every pickle goes through; rebuild.py  the checked callables it may reach
+    standins.py  what stands in for the classes a pickle names; hostile names; a pickled model's state
     weights.py the weight sets a file holds, picking one, loading it into a model
     writer.py  background writes: a CPU copy of the state, then one write at a time on a thread
     state.py   the full training-state dict, RNG, the checkpoint directory (latest/best/epoch files)

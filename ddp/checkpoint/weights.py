@@ -22,7 +22,7 @@ from ddp.checkpoint.keys import (
 )
 from ddp.checkpoint.readers import Loaded, read_checkpoint
 from ddp.checkpoint.readers.loaded import MAX_TENSORS
-from ddp.checkpoint.unpickle import StandIn, module_state
+from ddp.checkpoint.standins import StandIn, module_state
 
 # Where other projects put weights; when a file holds several weight sets, the first of these present is
 # loaded (timm: state_dict before state_dict_ema; DINO: teacher before student) unless checkpoint_key says.

@@ -27,7 +27,8 @@ from ddp.checkpoint.errors import (
 from ddp.checkpoint.readers.loaded import Loaded, open_regular
 from ddp.checkpoint.readers.torch_file import read_torch
 from ddp.checkpoint.rebuild import RebuildError, ints
-from ddp.checkpoint.unpickle import StandIn, inert_loads, refuse_hostile
+from ddp.checkpoint.standins import StandIn, refuse_hostile
+from ddp.checkpoint.unpickle import inert_loads
 
 METADATA_NAME = ".metadata"
 MAX_CHUNKS = 4096  # chunks of one tensor: one per rank (and per FSDP shard) in practice

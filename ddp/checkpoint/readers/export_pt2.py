@@ -24,7 +24,7 @@ from ddp.checkpoint.errors import CheckpointCorruptError, CheckpointError, Check
 from ddp.checkpoint.readers.loaded import Loaded, open_regular
 from ddp.checkpoint.readers.torch_file import read_torch
 from ddp.checkpoint.readers.torchscript import archive_names
-from ddp.checkpoint.unpickle import refuse_hostile
+from ddp.checkpoint.standins import refuse_hostile
 
 WEIGHTS_CONFIG = "data/weights/model_weights_config.json"
 MAX_CONFIG_BYTES = 256 << 20

@@ -28,7 +28,8 @@ import torch
 from ddp.checkpoint.errors import CheckpointCorruptError, CheckpointError, CheckpointFormatError, UntrustedPickleError
 from ddp.checkpoint.readers.loaded import Loaded, open_regular
 from ddp.checkpoint.rebuild import RebuildError, torch_device
-from ddp.checkpoint.unpickle import InertUnpickler, StorageTag, check_structure, refuse_hostile
+from ddp.checkpoint.standins import StorageTag, refuse_hostile
+from ddp.checkpoint.unpickle import InertUnpickler, check_structure
 
 ZIP_MAGIC = b"PK\x03\x04"
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C

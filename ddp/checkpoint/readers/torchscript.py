@@ -19,7 +19,7 @@ import torch
 from ddp.checkpoint.errors import CheckpointCorruptError, CheckpointError, CheckpointFormatError, first_line
 from ddp.checkpoint.readers.loaded import Loaded, open_regular
 from ddp.checkpoint.readers.torch_file import read_torch
-from ddp.checkpoint.unpickle import StandIn, refuse_hostile
+from ddp.checkpoint.standins import StandIn, refuse_hostile
 
 ZIP_MAGIC = b"PK\x03\x04"
 SCRIPT_PREFIX = "__torch__."  # TorchScript's namespace for the classes of scripted modules
