@@ -219,7 +219,8 @@ def mutate_sharded(directory: Path, rng: random.Random) -> None:
         os.mkfifo(shard)
     else:
         shard = rng.choice(shards)
-        shard.write_bytes(flip_bytes(shard.read_bytes(), rng))
+        if shard.is_file() and not shard.is_symlink():  # an earlier round may have made it a FIFO: never read that
+            shard.write_bytes(flip_bytes(shard.read_bytes(), rng))
 
 
 def mutate_dcp(directory: Path, rng: random.Random) -> None:
@@ -253,7 +254,8 @@ def mutate_dcp(directory: Path, rng: random.Random) -> None:
         meta_path.write_bytes(mutate_pickle(pickle.dumps(pickle.loads(meta_path.read_bytes()), protocol=2), rng))
     elif choice < 0.85:
         storage = next(directory.glob("*.distcp"))
-        storage.write_bytes(flip_bytes(storage.read_bytes(), rng))
+        if storage.is_file() and not storage.is_symlink():  # not a FIFO an earlier round made
+            storage.write_bytes(flip_bytes(storage.read_bytes(), rng))
     elif choice < 0.9:
         storage = next(directory.glob("*.distcp"))
         storage.unlink()
