@@ -283,16 +283,22 @@ def start(timeout: float = 30) -> Cluster:
             with open(root / f"{cmd[0]}.stdout.log", "w") as log:  # the daemon keeps its own copy
                 cluster.daemons.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
                                                         stdin=subprocess.DEVNULL, start_new_session=True))
-        deadline = time.monotonic() + timeout
-        while True:
-            state = cluster.run("sinfo", "--noheader", "--Node", "--format=%T", check=False)
-            if state.returncode == 0 and state.stdout.strip() == "idle":
-                return cluster
-            dead = [d.args[0] for d in cluster.daemons if d.poll() is not None]
-            if dead or time.monotonic() > deadline:
-                raise Unavailable(f"the SLURM daemons did not come up ({'exited: ' + ', '.join(dead) if dead else ''}"
-                                  f" node state {state.stdout.strip() or state.stderr.strip()!r}):\n{cluster.logs()}")
-            time.sleep(0.2)
+        return wait_until_idle(cluster, nodes=1, timeout=timeout)
     except BaseException:
         cluster.stop()
         raise
+
+
+def wait_until_idle(cluster: Cluster, nodes: int, timeout: float) -> Cluster:
+    """`cluster` once sinfo shows all its `nodes` idle; Unavailable (with the daemons' logs) if a daemon
+    exits or `timeout` seconds pass first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        state = cluster.run("sinfo", "--noheader", "--Node", "--format=%T", check=False)
+        if state.returncode == 0 and state.stdout.split() == ["idle"] * nodes:
+            return cluster
+        dead = [str(d.args[0]) for d in cluster.daemons if d.poll() is not None]
+        if dead or time.monotonic() > deadline:
+            raise Unavailable(f"the SLURM daemons did not come up ({'exited: ' + ', '.join(dead) if dead else ''}"
+                              f" node states {state.stdout.strip() or state.stderr.strip()!r}):\n{cluster.logs()}")
+        time.sleep(0.2)

@@ -8,11 +8,9 @@ addresses. Stopping the hosts (`Hosts.close()`) kills whatever of the cluster is
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import netns_hosts
@@ -90,16 +88,7 @@ def start(hosts: netns_hosts.Hosts, timeout: float = 45) -> MultiHostCluster:
                 cluster.daemons.append(hosts.popen(host, [*cmd, "-f", str(cluster.conf)], env=cluster.env, stdout=log,
                                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                                    start_new_session=True))
-        deadline = time.monotonic() + timeout
-        while True:
-            state = cluster.run("sinfo", "--noheader", "--Node", "--format=%N %T", check=False)
-            if state.returncode == 0 and re.findall(r" (\w+)", state.stdout) == ["idle"] * hosts.count:
-                return cluster
-            dead = [str(d.args) for d in cluster.daemons if d.poll() is not None]
-            if dead or time.monotonic() > deadline:
-                raise Unavailable(f"the SLURM daemons did not come up ({'exited: ' + ', '.join(dead) if dead else ''}"
-                                  f" nodes {state.stdout.strip() or state.stderr.strip()!r}):\n{cluster.logs()}")
-            time.sleep(0.3)
+        return slurm_cluster.wait_until_idle(cluster, nodes=hosts.count, timeout=timeout)
     except BaseException:
         cluster.stop()
         raise
