@@ -25,7 +25,13 @@ from typing import IO, Any
 
 import torch
 
-from ddp.checkpoint.errors import CheckpointCorruptError, CheckpointError, CheckpointFormatError, UntrustedPickleError
+from ddp.checkpoint.errors import (
+    CheckpointCorruptError,
+    CheckpointError,
+    CheckpointFormatError,
+    UntrustedPickleError,
+    first_line,
+)
 from ddp.checkpoint.readers.loaded import Loaded, open_regular
 from ddp.checkpoint.rebuild import RebuildError, torch_device
 from ddp.checkpoint.standins import StorageTag, refuse_hostile
@@ -92,13 +98,10 @@ def read_torch(f: IO[bytes], map_location: Any, where: str) -> tuple[Any, list[s
             OverflowError, MemoryError, zipfile.BadZipFile, struct.error, UnicodeDecodeError) as e:
         if isinstance(e, CheckpointError):
             raise
-        what = type(e).__name__ if not isinstance(e, pickle.UnpicklingError) else "its pickle"
+        detail = first_line(e, 150)  # "UnpicklingError: ..." reads better as "its pickle: ..."
+        detail = "its pickle" + detail[len(type(e).__name__):] if isinstance(e, pickle.UnpicklingError) else detail
         raise CheckpointCorruptError(f"{where} is not a readable checkpoint (truncated, corrupted or crafted: "
-                                     f"{what}: {_short(e)}); {_DAMAGED}") from None
-
-
-def _short(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [""])[0][:150]
+                                     f"{detail}); {_DAMAGED}") from None
 
 
 def _device(location: Any, map_location: Any) -> torch.device:
@@ -258,7 +261,7 @@ def _trusted(path: Path, map_location: Any) -> Loaded:
         return Loaded(torch.load(path, map_location=map_location, weights_only=False), container)
     except (AttributeError, ImportError) as e:
         raise CheckpointFormatError(f"{path}: the pickled objects need code that cannot be imported here "
-                                    f"({type(e).__name__}: {_short(e)}); run this where that code is importable") from e
+                                    f"({first_line(e, 150)}); run this where that code is importable") from e
     except Exception as e:
-        raise CheckpointCorruptError(f"{path} is not a readable checkpoint ({type(e).__name__}: {_short(e)}); "
+        raise CheckpointCorruptError(f"{path} is not a readable checkpoint ({first_line(e, 150)}); "
                                      f"{_DAMAGED}") from e
