@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from ddp.optim import AMP_CHOICES
 DEFAULTS = {"model": "fastnet", "dataset": "cifar10"}  # unless a resumed checkpoint names others
 RUN_NAME = "{model}-{dataset}-seed{seed}"
 
-TTA_CHOICES = ["none", "flip", "full"]  # test-time augmentation: --tta of ddp.train and ddp.evaluate
+TTA_CHOICES = ["none", "flip", "full", "unsure"]  # test-time augmentation: --tta of ddp.train and ddp.evaluate
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -22,6 +23,17 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def epoch_count(text: str) -> int | float:
+    """--epochs: a whole number stays an int (8, not 8.0, in logs and checkpoints), else a float (7.5)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number, such as 8 or 7.5; got {text!r}")
+    return int(value) if value.is_integer() else value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     train = p.add_argument_group("training")
     train.add_argument("--model", default=None,
                        help=f"{models.NAME_HELP} (default: the resumed checkpoint's, else {DEFAULTS['model']})")
-    train.add_argument("--epochs", type=int, default=8)
+    train.add_argument("--epochs", type=epoch_count, default=8,
+                       help="may end in a fraction: 7.5 trains the last epoch on its first half of batches "
+                       "(the learning rate still reaches 0 at the last step)")
     train.add_argument("--batch-size", type=int, default=2000,
                        help="GLOBAL batch size, split evenly across all ranks; it stays the same "
                        "when the number of processes changes")
@@ -88,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "a tenth of an epoch); 0: only after the last epoch, which always evaluates, with --tta")
     run.add_argument("--tta", default="full", choices=TTA_CHOICES,
                      help="test-time augmentation of the final evaluation: none; flip (an image and its "
-                     "mirror); full (airbench's 6 views: flips of the image and of its 1-pixel translations)")
+                     "mirror); full (airbench's 6 views: flips of the image and of its 1-pixel translations); unsure "
+                     "(one view, then the 6 for the least confident quarter of the images)")
     run.add_argument("--log-every", type=int, default=50, help="log train loss every N steps")
 
     ckpt = p.add_argument_group("checkpoints")
@@ -133,7 +148,7 @@ def validate(args: argparse.Namespace, world_size: int) -> str | None:
         models.find_builder(args.model or DEFAULTS["model"])
     except ValueError as e:
         return str(e)
-    for name in ["epochs", "batch_size", "log_every", "synthetic_size", "save_every"]:
+    for name in ["batch_size", "log_every", "synthetic_size", "save_every"]:
         if getattr(args, name) < 1:
             return f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}"
     for name in ["lr", "muon_lr", "bn_bias_lr_scale", "timeout_min"]:

@@ -110,7 +110,8 @@ def _train(args: argparse.Namespace, ctx: Context) -> dict[str, float]:
 
     per_rank_batch = args.batch_size // ctx.world_size
     steps_per_epoch = len(train_x) // args.batch_size
-    total_steps = args.epochs * steps_per_epoch
+    total_steps = math.ceil(round(args.epochs * steps_per_epoch, 6))  # --epochs 7.5: the last epoch stops halfway
+    epochs = math.ceil(total_steps / steps_per_epoch)  # epochs begun, the last one perhaps partial
     optimizer = build_optimizer(model, args)
     scheduler = build_scheduler(optimizer, round(args.warmup_epochs * steps_per_epoch), total_steps,
                                 args.whiten_bias_epochs * steps_per_epoch)
@@ -149,10 +150,10 @@ def _train(args: argparse.Namespace, ctx: Context) -> dict[str, float]:
         f"{sum(p.numel() for p in model.parameters()):,} parameters "
         f"({sum(p.numel() for p in model.parameters() if p.requires_grad):,} trained) | {args.dataset}: "
         f"{len(train_x)} train / {len(test_x)} test images | batch {args.batch_size} global = "
-        f"{ctx.world_size} x {per_rank_batch} | {steps_per_epoch} steps/epoch | "
+        f"{ctx.world_size} x {per_rank_batch} | {steps_per_epoch} steps/epoch, {total_steps} in all | "
         f"{'float32' if amp_dtype is None else str(amp_dtype).removeprefix('torch.') + ' autocast'}"
         + (f" | Newton-Schulz in {str(optimizer.ns_dtype).removeprefix('torch.')}" if args.optimizer == "muon" else ""))
-    if epoch >= args.epochs:
+    if epoch >= epochs:
         log(f"nothing to do: the checkpoint has {epoch} epochs and --epochs is {args.epochs}")
 
     writer = checkpoint.BackgroundWriter()  # rank 0's: one checkpoint write at a time, off the training thread
@@ -205,16 +206,17 @@ def _train(args: argparse.Namespace, ctx: Context) -> dict[str, float]:
     stop_signals = StopSignals()
     train_loss = math.nan  # until the first logged step (a resumed epoch may have no steps left)
     try:
-        while epoch < args.epochs:
+        while epoch < epochs:
             if freeze_whiten_bias(model, epoch, args.whiten_bias_epochs):
                 train_model = wrap(model)
             order = data.shard_epoch(len(train_x), args.batch_size, ctx.world_size, ctx.rank, args.seed, epoch)
             flips = data.epoch_flips(len(train_x), args.seed, epoch).to(ctx.device)
             model.train()
-            monitor.start_epoch(epoch, args.epochs, steps_per_epoch, done=batch_in_epoch)
+            epoch_steps = min(steps_per_epoch, total_steps - epoch * steps_per_epoch)
+            monitor.start_epoch(epoch, epochs, epoch_steps, done=batch_in_epoch)
             t0, first_batch = time.perf_counter(), batch_in_epoch
             running = torch.zeros(2, dtype=torch.float64, device=ctx.device)  # loss sum, steps
-            while batch_in_epoch < steps_per_epoch:  # a resumed epoch skips the batches already consumed
+            while batch_in_epoch < epoch_steps:  # a resumed epoch skips the batches already consumed
                 idx = order[batch_in_epoch].to(ctx.device)
                 generator = data.make_generator(args.seed, epoch, batch_in_epoch, ctx.rank)
                 x, y = data.normalize(data.augment(train_x[idx], generator, flips[idx])), train_y[idx]
@@ -230,7 +232,7 @@ def _train(args: argparse.Namespace, ctx: Context) -> dict[str, float]:
                     lookahead.step(step)
                 running += torch.stack([loss.detach().double(), torch.ones_like(running[0])])
                 monitor.advance()
-                end_of_epoch = batch_in_epoch == steps_per_epoch
+                end_of_epoch = batch_in_epoch == epoch_steps
                 if step % args.log_every == 0 or end_of_epoch:
                     loss_sum, count = all_reduce_sum(running.tolist(), ctx.device)
                     running.zero_()
@@ -248,26 +250,26 @@ def _train(args: argparse.Namespace, ctx: Context) -> dict[str, float]:
             monitor.end_epoch()
             epoch, batch_in_epoch = epoch + 1, 0
 
-            line = f"epoch {epoch}/{args.epochs} | train loss {train_loss:.4f}"
+            line = f"epoch {epoch}/{epochs} | train loss {train_loss:.4f}"
             files = []
-            if epoch == args.epochs or (args.eval_every and epoch % args.eval_every == 0):
+            if epoch == epochs or (args.eval_every and epoch % args.eval_every == 0):
                 sync_buffers(model)
-                tta = args.tta if epoch == args.epochs else "none"  # test-time augmentation only at the end
+                tta = args.tta if epoch == epochs else "none"  # test-time augmentation only at the end
                 metrics["loss"], metrics["acc"] = evaluate(model, test_x, test_y, ctx, amp_dtype, tta)
                 if metrics["acc"] > metrics["best_acc"]:
                     metrics["best_acc"] = metrics["acc"]
                     files.append(checkpoint.BEST_NAME)
                 monitor.scalars(step, {"test/loss": metrics["loss"], "test/acc": metrics["acc"]})
                 line += f" | test loss {metrics['loss']:.4f} acc {100 * metrics['acc']:.2f}% ({'no' if tta == 'none' else tta} TTA)"
-            periodic = epoch % args.save_every == 0 or epoch == args.epochs
+            periodic = epoch % args.save_every == 0 or epoch == epochs
             if periodic:
                 files += [checkpoint.epoch_checkpoint_name(epoch), checkpoint.LATEST_NAME]
-            save(*files, wait=epoch == args.epochs)  # the run's last save is on disk before train() returns
+            save(*files, wait=epoch == epochs)  # the run's last save is on disk before train() returns
             epoch_time = time.perf_counter() - t0
-            images_per_sec = (steps_per_epoch - first_batch) * args.batch_size / train_time
+            images_per_sec = (epoch_steps - first_batch) * args.batch_size / train_time
             monitor.scalars(step, {"perf/images_per_sec": images_per_sec, "perf/epoch_time_s": epoch_time})
             log(f"{line} | {images_per_sec:.0f} img/s | {epoch_time:.1f}s")
-            if epoch < args.epochs:
+            if epoch < epochs:
                 stop_if_asked(latest_is_saved=periodic)
         save(wait=True)  # nothing is left in flight (already so after the last epoch's save)
         monitor.final(step, {**metrics, "train_loss": train_loss})

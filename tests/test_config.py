@@ -7,7 +7,8 @@ from ddp import config
 
 
 @pytest.mark.parametrize("argv, world_size, message", [
-    (["--epochs", "-1"], 1, "--epochs must be at least 1, got -1"),
+    (["--epochs", "-1"], 1, "argument --epochs: must be a positive number, such as 8 or 7.5; got '-1'"),
+    (["--epochs", "inf"], 1, "argument --epochs: must be a positive number, such as 8 or 7.5; got 'inf'"),
     (["--model", "vgg"], 1, "unknown model 'vgg'; one of: fastnet"),
     (["--model", "torchvision:nope"], 1, "'nope' is not a torchvision classification model"),
     (["--run-name", "{nope}"], 1, "--run-name '{nope}' is not a valid template"),

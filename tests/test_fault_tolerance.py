@@ -105,6 +105,25 @@ def test_resume_mid_epoch_is_bitwise_exact(reference, tmp_path):
     assert_bitwise_equal(tmp_path / "checkpoints" / "latest.pt", reference / "latest.pt")
 
 
+def test_fractional_last_epoch_ends_early_and_resumes_bitwise_inside_it(tmp_path):
+    # 7 steps an epoch: --epochs 2.5 is ceil(17.5) = 18 steps, the third epoch stopping after 4 batches.
+    whole, interrupted = tmp_path / "whole", tmp_path / "interrupted"
+    whole.mkdir(), interrupted.mkdir()
+    done = train(whole, "--epochs", "2.5")
+    assert "7 steps/epoch, 18 in all" in done.stdout and "epoch 3/3" in done.stdout and "epoch 4/" not in done.stdout
+    final = torch.load(whole / "checkpoints" / "latest.pt", weights_only=True)
+    assert final["progress"] == {"epoch": 3, "step": 18, "batch_in_epoch": 0}
+    assert final["config"]["epochs"] == 2.5 and final["scheduler"]["last_epoch"] == 18
+    assert sorted(p.name for p in (whole / "checkpoints").glob("epoch_*.pt")) == [
+        "epoch_0001.pt", "epoch_0002.pt", "epoch_0003.pt"]
+
+    stopped = train(interrupted, "--epochs", "2.5", "--stop-at-step", "16")
+    assert "stopping at epoch 2 + 2 batches, step 16" in stopped.stdout
+    resumed = train(interrupted, "--epochs", "2.5")
+    assert "resumed from checkpoints/latest.pt: epoch 2 + 2 batches, step 16" in resumed.stdout
+    assert_bitwise_equal(interrupted / "checkpoints" / "latest.pt", whole / "checkpoints" / "latest.pt")
+
+
 # --------------------------------------------------------------------------- killed, restarted, preempted
 
 def test_elastic_restart_after_a_worker_is_killed(reference, tmp_path):
