@@ -74,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="learning-rate multiplier for BatchNorm biases (their weight decay is divided by "
                        "it, so they decay as fast as the rest)")
     train.add_argument("--label-smoothing", type=float, default=0.2)
+    train.add_argument("--brightness", type=float, default=0.0,
+                       help="colour jitter: shift each training image by up to this much (in normalised units)")
+    train.add_argument("--contrast", type=float, default=0.0,
+                       help="colour jitter: scale each training image by a factor within 1 +- this")
     train.add_argument("--warmup-epochs", type=float, default=0.0,
                        help="linear warm-up from 0.2x to the peak LR, then linear decay to zero")
     train.add_argument("--whiten-bias-epochs", type=int, default=3,
@@ -157,8 +161,8 @@ def validate(args: argparse.Namespace, world_size: int) -> str | None:
     for name in ["momentum", "muon_momentum", "label_smoothing"]:
         if not 0 <= getattr(args, name) < 1:
             return f"--{name.replace('_', '-')} must lie in [0, 1), got {getattr(args, name)}"
-    if args.weight_decay < 0 or args.warmup_epochs < 0 or args.whiten_bias_epochs < 0:
-        return "--weight-decay, --warmup-epochs and --whiten-bias-epochs must not be negative"
+    if min(args.weight_decay, args.warmup_epochs, args.whiten_bias_epochs, args.brightness, args.contrast) < 0:
+        return "--weight-decay, --warmup-epochs, --whiten-bias-epochs, --brightness and --contrast must not be negative"
     if args.batch_size < world_size:
         return f"--batch-size {args.batch_size} is smaller than the {world_size} processes; raise it"
     if args.batch_size % world_size:

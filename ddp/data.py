@@ -212,3 +212,12 @@ def augment(images: torch.Tensor, generator: torch.Generator, flip: torch.Tensor
     # One gather over each padded image's flattened pixels (7x faster than 4-way advanced indexing).
     pixel = (rows[:, :, None] * (w + 2 * pad) + cols[:, None, :]).view(n, 1, h * w).expand(n, c, h * w)
     return padded.flatten(2).gather(2, pixel).view(n, c, h, w)
+
+
+def jitter(x: torch.Tensor, generator: torch.Generator, brightness: float, contrast: float) -> torch.Tensor:
+    """Per image of a normalised batch: add a shift drawn from [-brightness, brightness], then scale by a
+    factor drawn from [1 - contrast, 1 + contrast] (hiverge's colour jitter). Random numbers as in `augment`."""
+    n = len(x)
+    shift = (torch.rand(n, 1, 1, 1, generator=generator) * 2 - 1) * brightness
+    scale = 1 + (torch.rand(n, 1, 1, 1, generator=generator) * 2 - 1) * contrast
+    return (x + shift.to(x.device)) * scale.to(x.device)

@@ -30,17 +30,17 @@ def batch_norm(channels: int) -> nn.BatchNorm2d:
 
 
 class ConvGroup(nn.Sequential):
-    """conv -> maxpool -> BN -> GELU -> conv -> BN -> GELU: one resolution stage of the fast net."""
+    """conv -> maxpool -> BN -> activation -> conv -> BN -> activation: one resolution stage of the fast net."""
 
-    def __init__(self, c_in: int, c_out: int):
+    def __init__(self, c_in: int, c_out: int, activation: type[nn.Module] = nn.GELU):
         super().__init__(
             conv3x3(c_in, c_out),
             nn.MaxPool2d(2),
             batch_norm(c_out),
-            nn.GELU(),
+            activation(),
             conv3x3(c_out, c_out),
             batch_norm(c_out),
-            nn.GELU(),
+            activation(),
         )
 
 
@@ -52,15 +52,16 @@ class FastNet(nn.Module):
     finish it. The default widths are airbench94's; `fastnet_small` is a quarter of the width.
     """
 
-    def __init__(self, num_classes: int = 10, widths: tuple[int, int, int] = (64, 256, 256)):
+    def __init__(self, num_classes: int = 10, widths: tuple[int, int, int] = (64, 256, 256),
+                 activation: type[nn.Module] = nn.GELU):
         super().__init__()
         whiten_width = 2 * 3 * 2 * 2  # 12 whitening filters and their negatives
         self.whiten = nn.Conv2d(3, whiten_width, kernel_size=2, padding=0, bias=True)
         self.whiten.weight.requires_grad_(False)  # set from the data by init_whitening, then fixed
         self.layers = nn.Sequential(
-            ConvGroup(whiten_width, widths[0]),
-            ConvGroup(widths[0], widths[1]),
-            ConvGroup(widths[1], widths[2]),
+            ConvGroup(whiten_width, widths[0], activation),
+            ConvGroup(widths[0], widths[1], activation),
+            ConvGroup(widths[1], widths[2], activation),
         )
         self.head = nn.Linear(widths[2], num_classes, bias=False)
         self.scale = 1 / 9  # airbench's logit temperature: keeps early logits small
@@ -118,6 +119,7 @@ def register(name: str) -> Callable:
 
 register("fastnet")(FastNet)
 register("fastnet_small")(lambda num_classes=10: FastNet(num_classes, widths=(32, 64, 128)))
+register("fastnet_silu")(lambda num_classes=10: FastNet(num_classes, activation=nn.SiLU))  # hiverge's groups
 register("resnet18")(resnet18)
 
 NAME_HELP = ("one of: " + ", ".join(MODELS) + "; torchvision:NAME for any torchvision classification model "

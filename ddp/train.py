@@ -45,8 +45,8 @@ STOP_CHECK_EVERY = 10  # steps between checks for a stop signal: each check is a
 
 # Flags that change what is trained: on resume, a difference from the checkpoint's is pointed out.
 RECIPE_FLAGS = ["dataset", "model", "epochs", "batch_size", "optimizer", "muon_lr", "muon_momentum", "lr", "momentum",
-                "weight_decay", "bn_bias_lr_scale", "label_smoothing", "warmup_epochs", "whiten_bias_epochs",
-                "lookahead", "seed", "amp"]
+                "weight_decay", "bn_bias_lr_scale", "label_smoothing", "brightness", "contrast", "warmup_epochs",
+                "whiten_bias_epochs", "lookahead", "seed", "amp"]
 
 
 class Stopped(Exception):
@@ -220,6 +220,8 @@ def _train(args: argparse.Namespace, ctx: Context) -> dict[str, float]:
                 idx = order[batch_in_epoch].to(ctx.device)
                 generator = data.make_generator(args.seed, epoch, batch_in_epoch, ctx.rank)
                 x, y = data.normalize(data.augment(train_x[idx], generator, flips[idx])), train_y[idx]
+                if args.brightness or args.contrast:
+                    x = data.jitter(x, generator, args.brightness, args.contrast)
                 with autocast(ctx.device, amp_dtype):
                     loss = criterion(train_model(x), y)
                 optimizer.zero_grad(set_to_none=True)

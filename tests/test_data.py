@@ -154,6 +154,21 @@ def test_given_flips_override_random_ones():
     assert torch.equal(out, torch.where(flip[:, None, None, None], images.flip(3), images))
 
 
+def test_jitter_shifts_then_scales_each_image_within_its_ranges():
+    # Two known values per image recover its shift s and scale c from (a + s) * c and (b + s) * c.
+    x = torch.zeros(256, 3, 32, 32)
+    x[:, :, :, 16:] = 1.0
+    out = data.jitter(x, data.make_generator(0, 5), brightness=0.14, contrast=0.13)
+    assert torch.equal(out, data.jitter(x, data.make_generator(0, 5), 0.14, 0.13))
+    low, high = out[:, 0, 0, 0], out[:, 0, 0, 31]
+    assert torch.equal(out[:, :, :, :16], low.view(-1, 1, 1, 1).expand(-1, 3, 32, 16))  # one shift and scale per image
+    scale = high - low
+    shift = low / scale
+    assert scale.min() >= 0.87 and scale.max() <= 1.13 and scale.max() - scale.min() > 0.2
+    assert shift.abs().max() <= 0.14 + 1e-6 and shift.max() - shift.min() > 0.2
+    assert torch.equal(data.jitter(x, data.make_generator(0, 5), 0.0, 0.0), x)
+
+
 def test_epoch_flips_alternate_each_image_from_a_random_half():
     first, second, third = (data.epoch_flips(1000, seed=0, epoch=e) for e in range(3))
     assert 400 < int(first.sum()) < 600
