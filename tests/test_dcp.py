@@ -103,6 +103,9 @@ def _worker(mode: str, path: str) -> None:
     dist.init_process_group("gloo")
     try:
         {"save": _sharded_save, "load": _load}[mode](Path(path))
+        # Both ranks past their last collective before either tears down: a rank that destroys its gloo
+        # pairs while the other still drains one has ended in "terminate called" (SIGABRT) under CI.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
