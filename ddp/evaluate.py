@@ -11,6 +11,7 @@ import math
 import sys
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -19,24 +20,18 @@ from ddp.config import DEFAULTS, TTA_CHOICES, OneLineParser
 from ddp.dist import Context, all_reduce_sum, log, process_group
 from ddp.optim import AMP_CHOICES, autocast, autocast_dtype
 
-UNSURE_SHARE = 0.25  # --tta unsure: the share of each batch, least confident first, that gets all six views
+UNSURE_SHARE = 0.25  # --tta unsure: the share of the test set, least confident first, that gets all six views
 
 
 def tta_logits(model: nn.Module, x: torch.Tensor, tta: str) -> torch.Tensor:
     """Float logits of a normalised batch, averaged over test-time views (the model is in eval mode).
 
     none: the image; flip: the image and its mirror; full (airbench's): half that, plus half the same
-    pair for each of the 1-pixel translations up-left and down-right (reflection padding), averaged;
-    unsure (hiverge's idea): one view, then `full` for the quarter of the batch with the lowest top
-    probability, where nearly all the errors are: 2.5 views' work instead of 6.
+    pair for each of the 1-pixel translations up-left and down-right (reflection padding), averaged.
+    (unsure is evaluate's: it needs the whole set's confidences.)
     """
     if tta == "none":
         return model(x).float()
-    if tta == "unsure":
-        logits = model(x).float()
-        unsure = logits.softmax(1).amax(1).topk(math.ceil(UNSURE_SHARE * len(x)), largest=False).indices
-        logits[unsure] = tta_logits(model, x[unsure], "full")
-        return logits
 
     def with_mirror(v: torch.Tensor) -> torch.Tensor:
         return (model(v).float() + model(v.flip(3)).float()) / 2
@@ -49,22 +44,42 @@ def tta_logits(model: nn.Module, x: torch.Tensor, tta: str) -> torch.Tensor:
     return logits
 
 
+def least_confident(logits: torch.Tensor, mine: torch.Tensor, total: int, ctx: Context) -> torch.Tensor:
+    """Positions in `mine` of this rank's images among the UNSURE_SHARE of all `total` with the lowest top
+    probability. Every rank sees every confidence (one all-reduce of `total` floats), so the choice is the
+    same at any world size and batch size."""
+    confidence = torch.zeros(total, dtype=torch.float32, device=logits.device)
+    confidence[mine] = logits.softmax(1).amax(1)
+    if ctx.world_size > 1:
+        dist.all_reduce(confidence, op=dist.ReduceOp.SUM)
+    threshold = confidence.kthvalue(math.ceil(UNSURE_SHARE * total)).values
+    return torch.nonzero(confidence[mine] <= threshold).flatten()
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, ctx: Context,
              amp_dtype: torch.dtype | None = None, tta: str = "flip",
              batch_size: int = 1000) -> tuple[float, float]:
     """(loss, accuracy) over the whole set; rank r scores images r, r+N, ..., so each counts once.
 
-    Forward passes run under autocast to amp_dtype (None: float32), over the views `tta` names.
+    Forward passes run under autocast to amp_dtype (None: float32), over the views `tta` names; unsure
+    (hiverge's idea): one view, then all six for the least confident quarter of the set, where nearly all
+    the errors are: 2.5 views' work instead of 6.
     """
     model.eval()
     mine = torch.arange(ctx.rank, len(images), ctx.world_size, device=images.device)
-    loss_sum, correct = 0.0, 0.0
-    for idx in mine.split(batch_size):
+
+    def predict(positions: torch.Tensor, views: str) -> torch.Tensor:
         with autocast(ctx.device, amp_dtype):
-            logits = tta_logits(model, data.normalize(images[idx]), tta)
-        loss_sum += F.cross_entropy(logits, labels[idx], reduction="sum").item()
-        correct += (logits.argmax(1) == labels[idx]).sum().item()
+            return tta_logits(model, data.normalize(images[mine[positions]]), views)
+
+    positions = torch.arange(len(mine), device=images.device)
+    logits = torch.cat([predict(part, "none" if tta == "unsure" else tta) for part in positions.split(batch_size)])
+    if tta == "unsure":
+        for part in least_confident(logits, mine, len(images), ctx).split(batch_size):
+            logits[part] = predict(part, "full")
+    loss_sum = F.cross_entropy(logits, labels[mine], reduction="sum").item()
+    correct = (logits.argmax(1) == labels[mine]).sum().item()
     loss_sum, correct, count = all_reduce_sum([loss_sum, correct, len(mine)], ctx.device)
     return loss_sum / count, correct / count
 
@@ -85,9 +100,9 @@ def build_parser() -> OneLineParser:
     p.add_argument("--synthetic-size", type=int, default=4096, help="as given to ddp.train")
     p.add_argument("--amp", default="auto", choices=AMP_CHOICES,
                    help="mixed precision, as for ddp.train (the same flag gives the trainer's accuracy)")
-    p.add_argument("--tta", default="full", choices=TTA_CHOICES,
+    p.add_argument("--tta", default="unsure", choices=TTA_CHOICES,
                    help="test-time augmentation, as ddp.train's --tta (none, flip, full: 6 views, unsure: 6 views "
-                   "for the least confident quarter)")
+                   "for the least confident quarter of the set)")
     return p
 
 
