@@ -54,33 +54,33 @@ def build_parser() -> argparse.ArgumentParser:
     train = p.add_argument_group("training")
     train.add_argument("--model", default=None,
                        help=f"{models.NAME_HELP} (default: the resumed checkpoint's, else {DEFAULTS['model']})")
-    train.add_argument("--epochs", type=epoch_count, default=8,
+    train.add_argument("--epochs", type=epoch_count, default=8.5,
                        help="may end in a fraction: 7.5 trains the last epoch on its first half of batches "
                        "(the learning rate still reaches 0 at the last step)")
-    train.add_argument("--batch-size", type=int, default=2000,
+    train.add_argument("--batch-size", type=int, default=1536,
                        help="GLOBAL batch size, split evenly across all ranks; it stays the same "
                        "when the number of processes changes")
     train.add_argument("--optimizer", default="muon", choices=["muon", "sgd"],
                        help="muon: Muon for the conv filters (--muon-lr, --muon-momentum), SGD for the rest "
                        "(airbench94_muon); sgd: SGD for everything (airbench94)")
-    train.add_argument("--muon-lr", type=float, default=0.24, help="Muon's peak learning rate (conv filters)")
-    train.add_argument("--muon-momentum", type=float, default=0.6, help="Muon's Nesterov momentum")
-    train.add_argument("--lr", type=float, default=1.66,
+    train.add_argument("--muon-lr", type=float, default=0.205, help="Muon's peak learning rate (conv filters)")
+    train.add_argument("--muon-momentum", type=float, default=0.655, help="Muon's Nesterov momentum")
+    train.add_argument("--lr", type=float, default=1.03,
                        help="peak learning rate of the SGD-trained parameters (of the batch-mean loss)")
-    train.add_argument("--momentum", type=float, default=0.85, help="SGD's Nesterov momentum")
-    train.add_argument("--weight-decay", type=float, default=2.4e-3,
+    train.add_argument("--momentum", type=float, default=0.825, help="SGD's Nesterov momentum")
+    train.add_argument("--weight-decay", type=float, default=1.553e-3,
                        help="of the SGD-trained parameters (Muon keeps the filters' norm fixed instead)")
-    train.add_argument("--bn-bias-lr-scale", type=float, default=64.0,
+    train.add_argument("--bn-bias-lr-scale", type=float, default=85.6,
                        help="learning-rate multiplier for BatchNorm biases (their weight decay is divided by "
                        "it, so they decay as fast as the rest)")
-    train.add_argument("--label-smoothing", type=float, default=0.2)
+    train.add_argument("--label-smoothing", type=float, default=0.09)
     train.add_argument("--brightness", type=float, default=0.0,
                        help="colour jitter: shift each training image by up to this much (in normalised units)")
     train.add_argument("--contrast", type=float, default=0.0,
                        help="colour jitter: scale each training image by a factor within 1 +- this")
     train.add_argument("--warmup-epochs", type=float, default=0.0,
                        help="linear warm-up from 0.2x to the peak LR, then linear decay to zero")
-    train.add_argument("--whiten-bias-epochs", type=int, default=3,
+    train.add_argument("--whiten-bias-epochs", type=int, default=1,
                        help="train the whitening layer's bias (LR decaying to zero) for this many epochs, then "
                        "freeze it, which shortens the backward pass")
     train.add_argument("--lookahead", action=argparse.BooleanOptionalAction, default=False,
@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--eval-every", type=int, default=0,
                      help="also evaluate every N epochs during training, with one view per image (each costs about "
                      "a tenth of an epoch); 0: only after the last epoch, which always evaluates, with --tta")
-    run.add_argument("--tta", default="full", choices=TTA_CHOICES,
+    run.add_argument("--tta", default="unsure", choices=TTA_CHOICES,
                      help="test-time augmentation of the final evaluation: none; flip (an image and its "
                      "mirror); full (airbench's 6 views: flips of the image and of its 1-pixel translations); unsure "
                      "(one view, then the 6 for the least confident quarter of the images)")

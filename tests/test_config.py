@@ -50,7 +50,7 @@ def test_left_out_model_dataset_and_run_name_come_from_the_resumed_checkpoint():
     config.resolve(args, None)
     assert args.run_name == "torchvision_vgg11-cifar10-seed0"
     plain = config.to_dict(args)
-    assert plain["batch_size"] == 2000 and plain["optimizer"] == "muon" and all(isinstance(k, str) for k in plain)
+    assert plain["batch_size"] == 1536 and plain["optimizer"] == "muon" and all(isinstance(k, str) for k in plain)
 
 
 def test_bad_flag_exits_before_any_process_group(tmp_path):

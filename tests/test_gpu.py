@@ -44,7 +44,7 @@ def test_one_gpu_checkpoint_reloads_in_a_cpu_only_process(tmp_path):
     assert ckpt["env"] == {"world_size": 1, "device": "cuda", "torch": torch.__version__}
     assert ckpt["rng"]["cuda"]  # the GPU generators' states are saved too
     acc, loss = ckpt["metrics"]["acc"], ckpt["metrics"]["loss"]
-    assert f"acc {100 * acc:.2f}% (full TTA)" in gpu.stdout
+    assert f"acc {100 * acc:.2f}% (unsure TTA)" in gpu.stdout
 
     # CPU kernels (and cuDNN's TF32 convolutions on the GPU) round differently: close, not bitwise.
     cpu = evaluate(tmp_path, "--checkpoint", "checkpoints/latest.pt", "--device", "cpu", "--amp", "none", env=CPU_ONLY)

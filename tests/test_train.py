@@ -24,7 +24,7 @@ def test_two_process_torchrun_run_learns_and_logs_to_tensorboard(tmp_path):
     assert "SYNTHETIC data" in out
     epochs = re.findall(r"epoch (\d)/3 \| train loss ([\d.]+) \| test loss ([\d.]+) acc ([\d.]+)% \((\w+) TTA\)", out)
     assert [e[0] for e in epochs] == ["1", "2", "3"]  # printed once, by rank 0 only
-    assert [e[4] for e in epochs] == ["no", "no", "full"]  # test-time augmentation only for the final figure
+    assert [e[4] for e in epochs] == ["no", "no", "unsure"]  # test-time augmentation only for the final figure
     train_losses = [float(e[1]) for e in epochs]
     assert train_losses[-1] < train_losses[0] - 0.2
     assert float(epochs[-1][3]) > 50
@@ -42,7 +42,7 @@ def test_two_process_torchrun_run_learns_and_logs_to_tensorboard(tmp_path):
     # The HParams dashboard: the run's flags, and its final and best metrics as the metric columns.
     flags, metric_tags, status = read_hparams(events)
     assert flags["model"] == "fastnet_small" and flags["batch_size"] == 128 and flags["run_name"] == "smoke"
-    assert flags["lookahead"] == 0 and flags["tta"] == "full" and "remap" in flags  # a list, as text
+    assert flags["lookahead"] == 0 and flags["tta"] == "unsure" and "remap" in flags  # a list, as text
     assert set(metric_tags) == {"final/test_acc", "final/best_test_acc", "final/test_loss", "final/train_loss"}
     assert status == "STATUS_SUCCESS"
     assert events.Scalars("final/test_acc")[-1].value == events.Scalars("test/acc")[-1].value
