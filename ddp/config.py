@@ -13,6 +13,11 @@ from ddp.checkpoint import CheckpointFormatError, parse_remap
 from ddp.optim import AMP_CHOICES
 
 DEFAULTS = {"model": "fastnet", "dataset": "cifar10"}  # unless a resumed checkpoint names others
+# Flags that change what is trained: on resume, those left out take the checkpoint's values (a run
+# continues its own recipe, even after an upgrade changed the defaults); one given that differs is noted.
+RECIPE_FLAGS = ["dataset", "model", "epochs", "batch_size", "optimizer", "muon_lr", "muon_momentum", "lr", "momentum",
+                "weight_decay", "bn_bias_lr_scale", "label_smoothing", "brightness", "contrast", "warmup_epochs",
+                "whiten_bias_epochs", "lookahead", "seed", "amp"]
 RUN_NAME = "{model}-{dataset}-seed{seed}"
 
 TTA_CHOICES = ["none", "flip", "full", "unsure"]  # test-time augmentation: --tta of ddp.train and ddp.evaluate
@@ -152,6 +157,10 @@ def validate(args: argparse.Namespace, world_size: int) -> str | None:
         models.find_builder(args.model or DEFAULTS["model"])
     except ValueError as e:
         return str(e)
+    if not args.epochs > 0:  # the parser checks these three; a resumed checkpoint's values come this way
+        return f"--epochs must be positive, got {args.epochs!r}"
+    if args.optimizer not in ("muon", "sgd") or args.amp not in AMP_CHOICES:
+        return f"--optimizer must be muon or sgd and --amp one of {', '.join(AMP_CHOICES)}"
     for name in ["batch_size", "log_every", "synthetic_size", "save_every"]:
         if getattr(args, name) < 1:
             return f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}"
@@ -198,6 +207,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse and validate; exit with a one-line message on a bad value."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    given = build_parser()  # the same flags, every default suppressed: what the command line itself set
+    for action in given._actions:
+        action.default = argparse.SUPPRESS
+    args.given = set(vars(given.parse_args(argv)))  # a set: neither saved in checkpoints nor logged
     world_size = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun before we start
     problem = validate(args, world_size)
     if problem:
@@ -217,14 +230,32 @@ def resolve(args: argparse.Namespace, recorded: dict[str, Any] | None) -> None:
     else --run-name (default RUN_NAME) formatted over the flags.
     """
     recorded = recorded if isinstance(recorded, dict) else {}
+    for name in RECIPE_FLAGS:
+        value = recorded.get(name)
+        if name not in DEFAULTS and name not in getattr(args, "given", ()) and _same_kind(name, value, getattr(args, name)):
+            setattr(args, name, value)
     for name, default in DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, recorded.get(name) or default)
             if recorded.get(name):  # what a file says is checked like a flag, and never imports anything
                 _check_recorded(name, recorded[name])
+    problem = validate(args, int(os.environ.get("WORLD_SIZE", "1")))
+    if problem:  # a recorded value this code refuses, or a batch this world size cannot split
+        raise CheckpointFormatError(f"the resumed checkpoint's recipe does not fit: {problem}; give that flag")
     run_name = recorded.get("run_name")
     name = run_name if isinstance(run_name, str) and run_name else (args.run_name or RUN_NAME).format(**vars(args))
     args.run_name = name.replace(":", "_")  # from torchvision:NAME; ':' in a path trips up some tools
+
+
+def _same_kind(name: str, value: Any, current: Any) -> bool:
+    """A recorded value may stand in for a flag's only if it is a plain value of the flag's type."""
+    if isinstance(current, bool) or isinstance(value, bool):
+        return type(value) is type(current)
+    if isinstance(current, int) and name != "epochs":  # --epochs may be an int or a float
+        return type(value) is int
+    if isinstance(current, (int, float)):
+        return type(value) in (int, float) and math.isfinite(value)
+    return isinstance(value, str) and isinstance(current, str)
 
 
 def _check_recorded(flag: str, value: Any) -> None:

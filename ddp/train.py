@@ -43,10 +43,6 @@ from ddp.resume import find_resume_checkpoint, init_from
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by a signal after saving; run again to continue
 STOP_CHECK_EVERY = 10  # steps between checks for a stop signal: each check is a (tiny) collective
 
-# Flags that change what is trained: on resume, a difference from the checkpoint's is pointed out.
-RECIPE_FLAGS = ["dataset", "model", "epochs", "batch_size", "optimizer", "muon_lr", "muon_momentum", "lr", "momentum",
-                "weight_decay", "bn_bias_lr_scale", "label_smoothing", "brightness", "contrast", "warmup_epochs",
-                "whiten_bias_epochs", "lookahead", "seed", "amp"]
 
 
 class Stopped(Exception):
@@ -134,7 +130,7 @@ def _train(args: argparse.Namespace, ctx: Context) -> dict[str, float]:
             f"{100 * metrics['best_acc']:.2f}% (saved by {saved['world_size']} x {saved['device']}, "
             f"now {ctx.world_size} x {ctx.device.type})")
         changed = [f"--{k.replace('_', '-')} {v!r} -> {getattr(args, k)!r}" for k, v in ckpt["config"].items()
-                   if k in RECIPE_FLAGS and v != getattr(args, k)]
+                   if k in config.RECIPE_FLAGS and v != getattr(args, k)]
         if changed:
             log(f"note: flags changed since the checkpoint: {', '.join(changed)}")
 

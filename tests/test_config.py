@@ -53,6 +53,27 @@ def test_left_out_model_dataset_and_run_name_come_from_the_resumed_checkpoint():
     assert plain["batch_size"] == 1536 and plain["optimizer"] == "muon" and all(isinstance(k, str) for k in plain)
 
 
+def test_left_out_recipe_flags_come_from_the_resumed_checkpoint_and_given_ones_win():
+    """A run started under older defaults resumes with its own recipe, not today's."""
+    old = {"epochs": 8, "batch_size": 2000, "label_smoothing": 0.2, "whiten_bias_epochs": 3, "lookahead": True,
+           "amp": "none", "tta": "full"}
+    args = config.parse_args(["--label-smoothing", "0.1"])
+    config.resolve(args, old)
+    assert (args.epochs, args.batch_size, args.whiten_bias_epochs, args.lookahead, args.amp) == (8, 2000, 3, True, "none")
+    assert args.label_smoothing == 0.1 and args.tta == "unsure"  # given on the command line; not a recipe flag
+    assert "given" not in config.to_dict(args)  # nothing of the bookkeeping reaches checkpoints or TensorBoard
+
+    # A crafted config: values of the wrong kind are ignored (the flag's own value stays) ...
+    args = config.parse_args([])
+    config.resolve(args, {"lr": "1e9", "batch_size": 2.5, "epochs": float("nan"), "lookahead": 1, "seed": True})
+    assert (args.lr, args.batch_size, args.epochs, args.lookahead, args.seed) == (1.03, 1536, 8.5, False, 0)
+    # ... and values of the right kind that this code refuses are a one-line error that names the flag
+    for recorded, message in [({"epochs": -3}, "--epochs must be positive"), ({"optimizer": "adam"}, "--optimizer"),
+                              ({"batch_size": 10**9}, "--batch-size 1000000000 is larger than")]:
+        with pytest.raises(config.CheckpointFormatError, match="recipe does not fit: " + message):
+            config.resolve(config.parse_args([]), recorded)
+
+
 def test_bad_flag_exits_before_any_process_group(tmp_path):
     # torchrun's variables point at a rendezvous nobody serves: parsing must fail before init.
     env = {"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
