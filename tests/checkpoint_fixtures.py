@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -61,9 +62,13 @@ def digest(ckpt: dict) -> str:
 
 
 def machine() -> dict[str, str]:
-    """What the bits of a float32 CPU run depend on besides the code: torch's kernels and the CPU's ISA."""
+    """What the bits of a CPU run depend on besides the code: torch's kernels, the CPU's ISA, and which
+    native bf16 kernels Muon's Newton-Schulz gets (AMX or AVX512-BF16: their roundings differ). Fixtures
+    written before "bf16_kernels" was recorded are compared to rounding only."""
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    kernels = [f for f in ("amx_bf16", "avx512_bf16") if re.search(rf"\b{f}\b", flags)]
     return {"torch": str(torch.__version__), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "cpu": platform.processor() or platform.machine()}
+            "cpu": platform.processor() or platform.machine(), "bf16_kernels": "+".join(kernels) or "none"}
 
 
 # python -m MODULE ARGS..., with fastnet_tiny registered first

@@ -60,10 +60,11 @@ def test_resume_continues_as_the_old_run_did(name, tmp_path):
     final = torch.load(tmp_path / "ckpt" / "latest.pt", map_location="cpu", weights_only=True)
     assert final["progress"] == expected["uninterrupted"]["progress"]
     old = torch.load(FIXTURES / name / "continued_model.pt", map_location="cpu", weights_only=True)
-    for key, value in old.items():  # on any machine: the old run's final weights, to float32 rounding
-        torch.testing.assert_close(final["model"][key], value, rtol=1e-4, atol=1e-5, msg=key)
-    if machine()["torch"] == expected["machine"]["torch"] and \
-            machine()["cpu_capability"] == expected["machine"]["cpu_capability"]:
+    # On any machine: the old run's final weights, to the rounding of Muon's bf16 Newton-Schulz, whose bits
+    # differ between CPUs with AMX and with AVX512-BF16 only (2.4e-4 at most, measured; a wrong recipe: 0.02+).
+    for key, value in old.items():
+        torch.testing.assert_close(final["model"][key], value, rtol=1e-3, atol=2e-3, msg=key)
+    if all(machine()[k] == expected["machine"].get(k) for k in machine()):  # the same kernels: the same bits
         assert digest(final) == expected["uninterrupted"]["digest"], "resumed run differs from the old one's bits"
 
 
