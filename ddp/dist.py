@@ -52,10 +52,12 @@ def native_bf16(device: torch.device) -> bool:
     """True where the hardware computes bf16 natively (CUDA with bf16, CPUs with AVX512-BF16 or AMX).
 
     Elsewhere bf16 is emulated and an order of magnitude slower than float32 (AVX2-only CPUs such as Zen 3).
+    `ATEN_CPU_CAPABILITY=avx2` holds torch's CPU kernels to AVX2, and then bf16 counts as emulated too.
     """
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    avx512_kernels = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    return avx512_kernels and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 def resolve_backend(flag: str, device: torch.device) -> str:

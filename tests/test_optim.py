@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -107,13 +111,26 @@ FASTNET_BANKS = [(64, 216), (64, 576), (256, 576), (256, 2304), (256, 2304), (25
 
 def test_newton_schulz_runs_in_bf16_only_where_the_hardware_computes_it_natively():
     cpu = torch.device("cpu")
-    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    native = torch.backends.cpu.get_cpu_capability().startswith("AVX512") and (
+        torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     assert native_bf16(cpu) == native and ns_dtype_for(cpu) is (torch.bfloat16 if native else torch.float32)
     assert ns_dtype_for(cpu) is (autocast_dtype("auto", cpu) or torch.float32)  # one rule for both
     model = models.build("fastnet_small")
     assert build_optimizer(model, config.parse_args([])).ns_dtype is ns_dtype_for(cpu)
     explicit = Muon([nn.Parameter(torch.zeros(2, 2))], lr=0.1, momentum=0.5, ns_dtype=torch.float32)
     assert explicit.ns_dtype is torch.float32
+
+
+def test_kernels_held_to_avx2_count_as_no_native_bf16():
+    """ATEN_CPU_CAPABILITY=avx2 makes any CPU compute like an AVX2-only one: float32 Newton-Schulz, no autocast."""
+    probe = ("import torch; from ddp.dist import native_bf16; from ddp.muon import ns_dtype_for; "
+             "from ddp.optim import autocast_dtype; cpu = torch.device('cpu'); "
+             "print(torch.backends.cpu.get_cpu_capability(), native_bf16(cpu), ns_dtype_for(cpu), "
+             "autocast_dtype('auto', cpu))")
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
+                         check=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.stdout.split() == ["AVX2", "False", "torch.float32", "None"]
 
 
 def test_shard_plan_batches_small_banks_of_a_shape_and_balances_ranks_independently_of_the_world_size():

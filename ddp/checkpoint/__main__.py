@@ -29,7 +29,7 @@ from ddp.checkpoint.keys import (
     remap_prefixes,
 )
 from ddp.checkpoint.readers import Loaded, read_checkpoint
-from ddp.checkpoint.state import plain
+from ddp.checkpoint.state import TRAINING_PARTS, plain, training_state
 from ddp.checkpoint.weights import MAX_CLASSES, Weights, extract_weights
 
 PROG = "python -m ddp.checkpoint"
@@ -47,50 +47,6 @@ def _remap_arg(text: str) -> tuple[str, str]:
         return parse_remap(text)
     except ValueError as e:  # argparse shows ArgumentTypeError's message instead of "invalid value"
         raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def _num(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
-        return None
-    return float(value) if not isinstance(value, torch.Tensor) or value.numel() == 1 else None
-
-
-def _first(obj: Mapping, keys: tuple[str, ...], accept) -> Any:
-    return next((obj[k] for k in keys if k in obj and accept(obj[k]) is not None), None)
-
-
-TRAINING_PARTS = ("optimizer", "scheduler", "scaler", "lookahead")  # the resumable state besides the weights
-
-
-def _training_state(obj: Any) -> dict[str, Any]:
-    """Optimizer/scheduler/scaler/lookahead state and progress/metrics from our format, or guessed from a foreign dict."""
-    if isinstance(obj, Mapping) and obj.get("format") == FORMAT:
-        parts = {k: obj.get(k) for k in (*TRAINING_PARTS, "progress", "metrics", "config", "env")}
-        # a file's word on these is shown, not trusted: a list where a dict belongs is shown as nothing
-        return {k: v if k in TRAINING_PARTS or isinstance(v, Mapping) else None for k, v in parts.items()}
-    obj = obj if isinstance(obj, Mapping) else {}
-
-    def state_dict(value: Any) -> Any:
-        return value if isinstance(value, Mapping) else None
-
-    def single(key: str) -> dict:  # Lightning keeps lists: optimizer_states, lr_schedulers
-        value = obj.get(key)
-        return {key: value[0]} if isinstance(value, list) and len(value) == 1 else {}
-
-    obj = {**obj, **single("optimizer_states"), **single("lr_schedulers")}
-    optimizer = _first(obj, ("optimizer", "optimizer_state_dict", "optim", "opt", "optimizer_states"),
-                       lambda v: v if isinstance(v, Mapping) and "param_groups" in v else None)
-    epoch, step = _first(obj, ("epoch", "epochs"), _num), _first(obj, ("step", "global_step", "iteration"), _num)
-    best = _first(obj, ("best_acc", "best_acc1", "best_prec1", "best_top1", "best_accuracy"), _num)
-    config = {"model": obj["model_name"], "num_classes": obj["num_classes"]} if "model_name" in obj else {}
-    return {"optimizer": optimizer,
-            "scheduler": _first(obj, ("scheduler", "lr_scheduler", "scheduler_state_dict", "lr_schedulers"), state_dict),
-            "scaler": _first(obj, ("scaler", "grad_scaler", "scaler_state_dict"), state_dict),
-            "lookahead": None,
-            "progress": {"epoch": int(_num(epoch) or 0), "step": int(_num(step) or 0), "batch_in_epoch": 0},
-            "metrics": {"best_acc": _num(best) or 0.0, "acc": _num(_first(obj, ("acc", "acc1", "accuracy"), _num)),
-                        "loss": _num(_first(obj, ("loss", "val_loss"), _num))},
-            "config": config, "env": None}
 
 
 def _say(text: str) -> None:
@@ -134,7 +90,7 @@ def _key_rows(state: Mapping[str, torch.Tensor]) -> list[dict[str, Any]]:
 def cmd_inspect(args: argparse.Namespace) -> int:
     path = Path(args.path)
     loaded, weights, state = _load_state(args)
-    obj, train = loaded.obj, _training_state(loaded.obj)
+    obj, train = loaded.obj, training_state(loaded.obj)
     config = train["config"] or {}
     info: dict[str, Any] = {
         "path": str(path), "file_size": _file_size(path), "container": loaded.container, "layout": weights.layout,
@@ -249,7 +205,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     loaded, weights, state = _load_state(args, trust_pickle=args.trust_pickle)
-    obj, train = loaded.obj, _training_state(loaded.obj)
+    obj, train = loaded.obj, training_state(loaded.obj)
     config = dict(train["config"] or {})
     if weights.info.get("model_name"):
         config.setdefault("model", weights.info["model_name"])

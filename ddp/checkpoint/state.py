@@ -187,6 +187,51 @@ def _load_part(name: str, target: Any, state: Any) -> None:
                                       "another recipe, or damaged?") from e
 
 
+def _num(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
+        return None
+    return float(value) if not isinstance(value, torch.Tensor) or value.numel() == 1 else None
+
+
+def _first(obj: Mapping, keys: tuple[str, ...], accept) -> Any:
+    return next((obj[k] for k in keys if k in obj and accept(obj[k]) is not None), None)
+
+
+TRAINING_PARTS = ("optimizer", "scheduler", "scaler", "lookahead")  # the resumable state besides the weights
+
+
+def training_state(obj: Any) -> dict[str, Any]:
+    """Optimizer/scheduler/scaler/lookahead state and progress/metrics from our format, or guessed from a foreign
+    dict (what `inspect` shows and `convert` keeps)."""
+    if isinstance(obj, Mapping) and obj.get("format") == FORMAT:
+        parts = {k: obj.get(k) for k in (*TRAINING_PARTS, "progress", "metrics", "config", "env")}
+        # a file's word on these is shown, not trusted: a list where a dict belongs is shown as nothing
+        return {k: v if k in TRAINING_PARTS or isinstance(v, Mapping) else None for k, v in parts.items()}
+    obj = obj if isinstance(obj, Mapping) else {}
+
+    def state_dict(value: Any) -> Any:
+        return value if isinstance(value, Mapping) else None
+
+    def single(key: str) -> dict:  # Lightning keeps lists: optimizer_states, lr_schedulers
+        value = obj.get(key)
+        return {key: value[0]} if isinstance(value, list) and len(value) == 1 else {}
+
+    obj = {**obj, **single("optimizer_states"), **single("lr_schedulers")}
+    optimizer = _first(obj, ("optimizer", "optimizer_state_dict", "optim", "opt", "optimizer_states"),
+                       lambda v: v if isinstance(v, Mapping) and "param_groups" in v else None)
+    epoch, step = _first(obj, ("epoch", "epochs"), _num), _first(obj, ("step", "global_step", "iteration"), _num)
+    best = _first(obj, ("best_acc", "best_acc1", "best_prec1", "best_top1", "best_accuracy"), _num)
+    config = {"model": obj["model_name"], "num_classes": obj["num_classes"]} if "model_name" in obj else {}
+    return {"optimizer": optimizer,
+            "scheduler": _first(obj, ("scheduler", "lr_scheduler", "scheduler_state_dict", "lr_schedulers"), state_dict),
+            "scaler": _first(obj, ("scaler", "grad_scaler", "scaler_state_dict"), state_dict),
+            "lookahead": None,
+            "progress": {"epoch": int(_num(epoch) or 0), "step": int(_num(step) or 0), "batch_in_epoch": 0},
+            "metrics": {"best_acc": _num(best) or 0.0, "acc": _num(_first(obj, ("acc", "acc1", "accuracy"), _num)),
+                        "loss": _num(_first(obj, ("loss", "val_loss"), _num))},
+            "config": config, "env": None}
+
+
 def epoch_checkpoint_name(epoch: int) -> str:
     """File name for the checkpoint written after `epoch` epochs, e.g. epoch_0003.pt."""
     return f"epoch_{epoch:04d}.pt"
