@@ -161,6 +161,8 @@ def validate(args: argparse.Namespace, world_size: int) -> str | None:
         return f"--epochs must be positive, got {args.epochs!r}"
     if args.optimizer not in ("muon", "sgd") or args.amp not in AMP_CHOICES:
         return f"--optimizer must be muon or sgd and --amp one of {', '.join(AMP_CHOICES)}"
+    if not -2**63 <= args.seed < 2**64:  # torch.manual_seed's range
+        return f"--seed must fit in 64 bits, got {args.seed}"
     for name in ["batch_size", "log_every", "synthetic_size", "save_every"]:
         if getattr(args, name) < 1:
             return f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}"

@@ -44,7 +44,6 @@ PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by a signal after saving; run a
 STOP_CHECK_EVERY = 10  # steps between checks for a stop signal: each check is a (tiny) collective
 
 
-
 class Stopped(Exception):
     """Raised on every rank at once: for a signal (exit with PREEMPTED_EXIT_CODE) or --stop-at-step (return)."""
 

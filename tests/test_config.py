@@ -16,6 +16,7 @@ from ddp import config
     (["--batch-size", "510"], 4, "does not split evenly across 4 processes; use a multiple of 4"),
     (["--dataset", "synthetic", "--synthetic-size", "100"], 1, "larger than the 100 training images"),
     (["--lr", "0"], 1, "--lr must be positive"),
+    (["--seed", str(2**64)], 1, "--seed must fit in 64 bits, got 18446744073709551616"),
     (["--device", "cpu", "--backend", "nccl"], 1, "--backend nccl needs CUDA"),
     (["--dataset", "imagenet"], 1, "invalid choice: 'imagenet'"),
 ])
@@ -69,7 +70,8 @@ def test_left_out_recipe_flags_come_from_the_resumed_checkpoint_and_given_ones_w
     assert (args.lr, args.batch_size, args.epochs, args.lookahead, args.seed) == (1.03, 1536, 8.5, False, 0)
     # ... and values of the right kind that this code refuses are a one-line error that names the flag
     for recorded, message in [({"epochs": -3}, "--epochs must be positive"), ({"optimizer": "adam"}, "--optimizer"),
-                              ({"batch_size": 10**9}, "--batch-size 1000000000 is larger than")]:
+                              ({"batch_size": 10**9}, "--batch-size 1000000000 is larger than"),
+                              ({"seed": 2**64}, "--seed must fit in 64 bits")]:
         with pytest.raises(config.CheckpointFormatError, match="recipe does not fit: " + message):
             config.resolve(config.parse_args([]), recorded)
 
